@@ -1,0 +1,1 @@
+"""Model runner, KV cache, drafters, draft trees, verification and the decoding engine."""

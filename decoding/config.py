@@ -1,0 +1,35 @@
+"""Engine configuration: one validated dataclass, built once from CLI flags and passed down whole."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+METHODS = ("ar", "pld", "logitspec")
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str | None = None  # HF folder or .gguf file; None = embedded SmolLM2-135M-Instruct
+    method: str = "logitspec"
+    device: str = "auto"
+    dtype: str = "auto"
+    max_batch: int = 1  # KV slots = sequences decoded together
+    max_context: int = 4096  # tokens per slot (prompt + output)
+    tree_capacity: int = 64  # most tokens in one sequence's verification forward
+    adaptive: bool = True  # cost-aware tree sizing
+    prefill_chunk: int = 512
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
+            raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
+        for name in ("max_batch", "max_context", "tree_capacity", "prefill_chunk"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0")

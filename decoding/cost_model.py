@@ -1,0 +1,124 @@
+"""Cost-aware tree sizing: keep the draft nodes that raise expected accepted tokens per second.
+
+Two measurements drive it, both plain Python: how long a forward of N tokens takes on this
+hardware (calibrated at start-up, then updated from every step), and how often a draft node of
+each kind (drafter branch, retrieval match length, depth) ends up accepted. Each step, the nodes of
+all sequences in the batch compete in one ranking; the cut that maximises
+(sequences + expected accepted nodes) / cost(tokens in the forward) wins, down to no draft at all.
+"""
+
+from __future__ import annotations
+
+from decoding.tree import DraftTree
+
+
+class AcceptanceStats:
+    """Decayed accept/offer counts per node kind, with an optimistic prior so new kinds get tried."""
+
+    def __init__(self, prior: float = 0.5, prior_weight: float = 2.0, decay: float = 0.998):
+        self.prior = prior
+        self.prior_weight = prior_weight
+        self.decay = decay
+        self.kinds: dict[str, list[float]] = {}  # kind -> [offered, accepted], decayed
+        self.by_position: dict[int, list[int]] = {}  # depth -> [offered, accepted], exact totals
+
+    def p(self, kind: str) -> float:
+        s = self.kinds.get(kind)
+        if s is None:
+            return self.prior
+        return (s[1] + self.prior * self.prior_weight) / (s[0] + self.prior_weight)
+
+    def node_probs(self, tree: DraftTree) -> list[float]:
+        """Estimated marginal acceptance of each node; never above its parent's. Root = 1."""
+        ps = [1.0] * len(tree)
+        for i in range(1, len(tree)):
+            ps[i] = min(self.p(tree.kinds[i]), ps[tree.parents[i]])
+        return ps
+
+    def record(self, tree: DraftTree, accepted: list[int]) -> None:
+        hit = set(accepted)
+        d = self.decay
+        for i in range(1, len(tree)):
+            s = self.kinds.setdefault(tree.kinds[i], [0.0, 0.0])
+            ok = i in hit
+            s[0] = s[0] * d + 1.0
+            s[1] = s[1] * d + ok
+            pos = self.by_position.setdefault(tree.depths[i], [0, 0])
+            pos[0] += 1
+            pos[1] += ok
+
+
+class CostModel:
+    """Seconds per forward as a function of tokens in it; calibrated, then tracked with an EMA."""
+
+    def __init__(self, calibration: dict[int, float], max_tokens: int, alpha: float = 0.1):
+        if not calibration or 1 not in calibration:
+            raise ValueError("calibration needs at least the 1-token forward")
+        self.max_tokens = max_tokens
+        self.alpha = alpha
+        points = sorted(calibration.items())
+        self._seconds = [0.0] * (max_tokens + 1)
+        for n in range(1, max_tokens + 1):
+            self._seconds[n] = self._interpolate(points, n)
+        self._monotone: list[float] = []
+        self._refresh()
+
+    @staticmethod
+    def _interpolate(points: list[tuple[int, float]], n: int) -> float:
+        lo = points[0]
+        for hi in points:
+            if hi[0] >= n:
+                if hi[0] == lo[0]:
+                    return hi[1]
+                w = (n - lo[0]) / (hi[0] - lo[0])
+                return lo[1] + w * (hi[1] - lo[1])
+            lo = hi
+        # Past the last point: extrapolate with the last segment's slope.
+        (n1, t1), (n2, t2) = points[-2] if len(points) > 1 else points[-1], points[-1]
+        slope = (t2 - t1) / (n2 - n1) if n2 != n1 else 0.0
+        return t2 + slope * (n - n2)
+
+    def _refresh(self) -> None:
+        # A bigger forward never costs less; noise must not make the optimiser think so.
+        best, out = 0.0, [0.0]
+        for t in self._seconds[1:]:
+            best = max(best, t)
+            out.append(best)
+        self._monotone = out
+
+    def cost(self, n_tokens: int) -> float:
+        return self._monotone[min(max(n_tokens, 1), self.max_tokens)]
+
+    def observe(self, n_tokens: int, seconds: float) -> None:
+        if 1 <= n_tokens <= self.max_tokens:
+            old = self._seconds[n_tokens]
+            self._seconds[n_tokens] = old + self.alpha * (seconds - old)
+            self._refresh()
+
+    def ratio(self, n_tokens: int) -> float:
+        return self.cost(n_tokens) / self.cost(1)
+
+    def choose(self, probs: list[list[float]], limits: list[int]) -> list[int]:
+        """How many draft nodes each sequence keeps.
+
+        probs[s]: sequence s's candidate nodes' acceptance estimates, sorted descending (ancestors
+        first). limits[s]: the most nodes s may keep (tree capacity, KV room).
+        """
+        base = len(probs)
+        merged = sorted(((p, s) for s, ps in enumerate(probs) for p in ps[:limits[s]]), reverse=True)
+        merged = merged[:self.max_tokens - base]
+        gain, best_k, best_rate = 0.0, 0, base / self.cost(base)
+        for k, (p, _) in enumerate(merged, start=1):
+            gain += p
+            rate = (base + gain) / self.cost(base + k)
+            if rate > best_rate:
+                best_rate, best_k = rate, k
+        counts = [0] * base
+        for _, s in merged[:best_k]:
+            counts[s] += 1
+        return counts
+
+
+def ranked_nodes(tree: DraftTree, probs: list[float]) -> list[int]:
+    """Non-root nodes, most likely first; a parent always precedes its children."""
+    return sorted(range(1, len(tree)), key=lambda i: (-probs[i], tree.depths[i], i))

@@ -1,0 +1,297 @@
+"""The decoding engine: prefill, then draft -> one batched forward -> verify, step after step.
+
+    trees = draft(seqs); logits = model.forward(trees); for each seq: verify, keep KV, emit.
+
+The engine owns the model, the KV cache, one drafter (chosen once), the acceptance statistics and
+the cost model. It is synchronous and single-threaded; the server runs it on its own thread.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from decoding.config import EngineConfig
+from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes
+from decoding.drafters import Drafter, make_drafter
+from decoding.loader import LoadedModel, load, log
+from decoding.model import Model, SeqBatchEntry
+from decoding.tree import DraftTree
+from decoding.verify import SamplingParams, make_generator, processed_probs, sample, verify_greedy, verify_sampling
+from retrieval.suffix_index import SuffixIndex
+
+CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+
+@dataclass
+class Sequence:
+    """One generation: its prompt, its slot in the KV cache, its suffix index and its output."""
+
+    prompt: list[int]
+    params: SamplingParams
+    max_new_tokens: int
+    stop_ids: frozenset[int]
+    index: SuffixIndex
+    generator: torch.Generator | None = None
+    slot: int = -1
+    past_len: int = 0  # tokens whose K/V are in the slot
+    root: int = -1  # the decided next token, not yet in the cache
+    guesses: list[int] = field(default_factory=list)  # top-k of the last logit, for LogitSpec
+    output: list[int] = field(default_factory=list)
+    finish_reason: str | None = None
+    steps: int = 0
+    step_sizes: list[int] = field(default_factory=list)  # tokens emitted per step
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def mean_accepted(self) -> float:
+        return len(self.output) / self.steps if self.steps else 0.0
+
+
+@dataclass
+class StepTimes:
+    """Wall time split of the engine's work, for reports (drafting + masks vs forward vs verify)."""
+
+    draft: float = 0.0
+    mask: float = 0.0
+    forward: float = 0.0
+    verify: float = 0.0
+    prefill: float = 0.0
+    steps: int = 0
+
+    @property
+    def decode_total(self) -> float:
+        return self.draft + self.mask + self.forward + self.verify
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}[name]
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, model: Model | None = None):
+        self.config = config
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        self.loaded = loaded or load(config.model)
+        self.tokenizer = self.loaded.tokenizer
+        self.device = pick_device(config.device)
+        self.dtype = pick_dtype(config.dtype, self.device)
+        self.model = model or Model(self.loaded.hf_config, self.loaded.state, self.device, self.dtype)
+        max_len = min(config.max_context, self.model.config.max_position)
+        self.cache = self.model.new_cache(config.max_batch, max_len)
+        self.drafter: Drafter = make_drafter(config.method)
+        self.stats = AcceptanceStats()
+        self.times = StepTimes()
+        self.stop_ids = self._stop_ids()
+        self.cost = self._calibrate() if config.method != "ar" and config.adaptive else None
+
+    # ---- set-up -------------------------------------------------------------------------------
+
+    def _stop_ids(self) -> frozenset[int]:
+        ids = set()
+        eos = self.loaded.hf_config.get("eos_token_id")
+        ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return frozenset(ids)
+
+    def _calibrate(self) -> CostModel:
+        """Time forwards of 1..64 tokens at a realistic context so tree sizing starts informed."""
+        max_tokens = self.config.tree_capacity * self.config.max_batch
+        room = self.cache.max_len // 2  # half the slot for context, half for the largest tree
+        sizes = [n for n in CALIBRATION_SIZES if n <= min(max(self.config.tree_capacity, 2), room)] or [1]
+        slot = self.cache.allocate()
+        try:
+            past = max(1, min(256, self.cache.max_len - max(sizes)))
+            g = torch.Generator().manual_seed(0)
+            ctx = torch.randint(0, self.model.config.vocab_size, (past + max(sizes),), generator=g)
+            self._forward(ctx[:past], torch.arange(past), [SeqBatchEntry(slot, 0, past, None)], last_only=True)
+            seconds = {}
+            for n in sizes:
+                tokens, positions = ctx[past:past + n], torch.arange(past, past + n)
+                entry = [SeqBatchEntry(slot, past, n, torch.ones(n, n, dtype=torch.bool).tril_())]
+                runs = []
+                for _ in range(4):
+                    t0 = time.perf_counter()
+                    self._forward(tokens, positions, entry)
+                    runs.append(time.perf_counter() - t0)
+                seconds[n] = sorted(runs[1:])[1]
+        finally:
+            self.cache.release(slot)
+        cost = CostModel(seconds, max_tokens)
+        log("forward cost vs tree size: " + ", ".join(
+            f"{n}:{1000 * s:.0f}ms" for n, s in seconds.items() if n in (1, 4, 8, 16, 32, 64)))
+        return cost
+
+    # ---- model calls ---------------------------------------------------------------------------
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, batch: list[SeqBatchEntry],
+                 last_only: bool = False) -> torch.Tensor:
+        rows = None
+        if last_only:
+            ends = torch.tensor([e.n for e in batch]).cumsum(0) - 1
+            rows = ends.to(self.device)
+        return self.model.forward(tokens.to(self.device), positions.to(self.device), batch, self.cache, rows)
+
+    # ---- sequence lifecycle ----------------------------------------------------------------------
+
+    def start_sequence(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
+                       index: SuffixIndex | None = None) -> Sequence:
+        """Allocate a slot, prefill the prompt and decide the first token."""
+        if not prompt:
+            raise ValueError("the prompt is empty")
+        if len(prompt) + 1 > self.cache.max_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens exceeds the context of {self.cache.max_len}")
+        if index is None:
+            index = SuffixIndex()
+        index.extend(prompt)
+        seq = Sequence(prompt=list(prompt), params=params, max_new_tokens=max_new_tokens,
+                       stop_ids=self.stop_ids, index=index, generator=make_generator(params))
+        seq.slot = self.cache.allocate()
+        t0 = time.perf_counter()
+        chunk = self.config.prefill_chunk
+        for start in range(0, len(prompt), chunk):
+            part = prompt[start:start + chunk]
+            logits = self._forward(torch.tensor(part), torch.arange(start, start + len(part)),
+                                   [SeqBatchEntry(seq.slot, start, len(part), None)], last_only=True)
+        seq.past_len = len(prompt)
+        self.times.prefill += time.perf_counter() - t0
+        self._decide_root(seq, logits[0])
+        if max_new_tokens <= 0:
+            seq.finish_reason = "length"
+        return seq
+
+    def stop_sequence(self, seq: Sequence) -> None:
+        if seq.slot >= 0:
+            self.cache.release(seq.slot)
+            seq.slot = -1
+
+    def _decide_root(self, seq: Sequence, logits: torch.Tensor) -> None:
+        """logits: [vocab], the target's distribution for the next token."""
+        if seq.params.greedy:
+            token = int(logits.argmax())
+        else:
+            token = sample(processed_probs(logits[None], seq.params)[0], seq.generator)
+        self._set_root(seq, token, logits)
+
+    def _set_root(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:
+        # A decided stop token ends the sequence here: no forward is spent on it.
+        if token in seq.stop_ids:
+            seq.finish_reason = "stop"
+            return
+        seq.root = token
+        k = self.drafter.guesses
+        seq.guesses = logits.topk(k + 1).indices.tolist() if k else []
+
+    # ---- one decoding step over a batch ----------------------------------------------------------------
+
+    def step(self, seqs: list[Sequence]) -> list[list[int]]:
+        """Draft, verify in one forward and emit for every running sequence; returns new tokens each."""
+        t0 = time.perf_counter()
+        trees = [self.drafter.propose(s.index, s.root, s.guesses) for s in seqs]
+        trees = self._size_trees(seqs, trees)
+        t1 = time.perf_counter()
+        masks = [t.attention_mask() for t in trees]
+        tokens = torch.tensor([tok for t in trees for tok in t.tokens])
+        positions = torch.tensor([s.past_len + d for s, t in zip(seqs, trees) for d in t.depths])
+        batch = [SeqBatchEntry(s.slot, s.past_len, len(t), m) for s, t, m in zip(seqs, trees, masks)]
+        t2 = time.perf_counter()
+        logits = self._forward(tokens, positions, batch)  # [total tokens, vocab]
+        t3 = time.perf_counter()
+        emitted, start = [], 0
+        for seq, tree in zip(seqs, trees):
+            rows = logits[start:start + len(tree)]
+            start += len(tree)
+            emitted.append(self._accept(seq, tree, rows))
+        t4 = time.perf_counter()
+        if self.cost is not None:
+            self.cost.observe(len(tokens), t4 - t2)
+        tm = self.times
+        tm.draft += t1 - t0
+        tm.mask += t2 - t1
+        tm.forward += t3 - t2
+        tm.verify += t4 - t3
+        tm.steps += 1
+        return emitted
+
+    def _size_trees(self, seqs: list[Sequence], trees: list[DraftTree]) -> list[DraftTree]:
+        capacity = self.config.tree_capacity
+        limits = [min(capacity, self.cache.max_len - s.past_len) - 1 for s in seqs]
+        if self.cost is None:  # fixed size: the drafter's first nodes up to capacity
+            return [t if len(t) - 1 <= lim else t.subtree(list(range(lim + 1))) for t, lim in zip(trees, limits)]
+        ranked, probs = [], []
+        for tree in trees:
+            ps = self.stats.node_probs(tree)
+            order = ranked_nodes(tree, ps)
+            ranked.append(order)
+            probs.append([ps[i] for i in order])
+        counts = self.cost.choose(probs, limits)
+        return [t if c == len(t) - 1 else t.subtree([0] + order[:c])
+                for t, order, c in zip(trees, ranked, counts)]
+
+    def _accept(self, seq: Sequence, tree: DraftTree, logits: torch.Tensor) -> list[int]:
+        if seq.params.greedy:
+            path, next_token = verify_greedy(tree, logits)
+        else:
+            path, next_token = verify_sampling(tree, logits, seq.params, seq.generator)
+        if len(tree) > 1:
+            self.stats.record(tree, path)
+        self.cache.keep(seq.slot, seq.past_len, path)
+        seq.past_len += len(path)
+        seq.steps += 1
+        new = []
+        for node in path:
+            token = tree.tokens[node]
+            if token in seq.stop_ids:
+                seq.finish_reason = "stop"
+                break
+            new.append(token)
+            if len(seq.output) + len(new) >= seq.max_new_tokens:
+                seq.finish_reason = "length"
+                break
+        seq.output.extend(new)
+        seq.step_sizes.append(len(new))
+        seq.index.extend(new)
+        if seq.finish_reason is None and seq.past_len + 1 >= self.cache.max_len:
+            seq.finish_reason = "length"
+        if seq.finish_reason is None:
+            self._set_root(seq, next_token, logits[path[-1]])
+        return new
+
+    # ---- convenience: one request start to end -------------------------------------------------
+
+    def generate(self, prompt: list[int], params: SamplingParams | None = None, max_new_tokens: int = 128,
+                 index: SuffixIndex | None = None) -> Sequence:
+        seq = self.start_sequence(prompt, params or SamplingParams(), max_new_tokens, index)
+        try:
+            while not seq.finished:
+                self.step([seq])
+        finally:
+            self.stop_sequence(seq)
+        return seq
+
+    def chat_prompt(self, turns: list[dict]) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+        if isinstance(ids, dict) or hasattr(ids, "input_ids"):
+            ids = ids["input_ids"]
+        return list(ids)
+
+
+def default_threads() -> int:
+    return len(os.sched_getaffinity(0))

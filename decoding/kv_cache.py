@@ -1,0 +1,54 @@
+"""Preallocated per-sequence KV slots, written at explicit positions and compacted after verification."""
+
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    """K and V for `num_slots` sequences of up to `max_len` tokens each, one tensor pair per layer.
+
+    A forward writes a tree's K/V at positions past_len .. past_len + n - 1 of its slot; after
+    verification `keep` moves the accepted nodes' entries to the front of that region, so the
+    cache never holds rejected branches and is never reallocated.
+    """
+
+    def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
+                 device: torch.device, dtype: torch.dtype):
+        if num_slots < 1 or max_len < 1:
+            raise ValueError("a KV cache needs at least one slot of at least one token")
+        shape = (num_slots, num_kv_heads, max_len, head_dim)
+        # torch.empty: the OS commits pages only when written, so unused capacity costs no memory on CPU.
+        self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
+        self.num_slots = num_slots
+        self.max_len = max_len
+        self._free = list(range(num_slots - 1, -1, -1))
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free)
+
+    @property
+    def used_slots(self) -> int:
+        return self.num_slots - len(self._free)
+
+    def allocate(self) -> int:
+        if not self._free:
+            raise RuntimeError("no free KV slot")
+        return self._free.pop()
+
+    def release(self, slot: int) -> None:
+        if slot in self._free or not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} is not allocated")
+        self._free.append(slot)
+
+    def keep(self, slot: int, past_len: int, accepted: list[int]) -> None:
+        """Move tree rows `accepted` (indices into the last forward's new tokens, ascending) to the front."""
+        if accepted == list(range(len(accepted))):
+            return  # already in place: the accepted path is a prefix (always so for chains)
+        src = torch.tensor(accepted, device=self.k[0].device) + past_len
+        dst = slice(past_len, past_len + len(accepted))
+        for k, v in zip(self.k, self.v):
+            k[slot, :, dst] = k[slot, :, src]
+            v[slot, :, dst] = v[slot, :, src]

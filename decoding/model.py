@@ -1,0 +1,235 @@
+"""A Llama-family decoder whose KV cache, positions and attention mask are arguments of forward.
+
+Tree verification needs exactly that: every draft node is written into the cache at an explicit
+position (past length + depth) and attends to the past plus its own ancestors. The model reads
+top to bottom in this file; weights come from a Hugging Face state dict (Llama, Mistral, Qwen2,
+SmolLM), with q/k/v and gate/up fused so that each layer is four matrix products.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from decoding.kv_cache import KVCache
+
+SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+
+@dataclass(slots=True)
+class ModelConfig:
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    rms_norm_eps: float
+    max_position: int
+    tie_word_embeddings: bool
+    qkv_bias: bool
+    model_type: str
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "ModelConfig":
+        model_type = hf.get("model_type", "")
+        if model_type not in SUPPORTED_ARCHITECTURES:
+            raise ValueError(
+                f"unsupported model architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        heads = hf["num_attention_heads"]
+        return cls(
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            num_layers=hf["num_hidden_layers"],
+            num_heads=heads,
+            num_kv_heads=hf.get("num_key_value_heads") or heads,
+            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
+            intermediate_size=hf["intermediate_size"],
+            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
+            max_position=hf.get("max_position_embeddings", 4096),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
+            model_type=model_type,
+        )
+
+
+@dataclass(slots=True)
+class SeqBatchEntry:
+    """One sequence's share of a batched forward: rows [start, start + n) of the flat inputs."""
+
+    slot: int
+    past_len: int  # tokens already in this slot's cache
+    n: int  # new tokens this forward (prefill chunk, chain or tree)
+    tree_mask: torch.Tensor | None  # [n, n] bool, None = causal among the new tokens
+
+
+def rope_inv_freq(hf: dict, head_dim: int) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling, delegating non-default RoPE types to transformers."""
+    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
+    if rope_type == "default":
+        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
+        return inv.float(), 1.0
+    from transformers import AutoConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    if rope_type not in ROPE_INIT_FUNCTIONS:
+        raise ValueError(f"unsupported rope type {rope_type!r}")
+    config = AutoConfig.for_model(**hf)
+    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+    return inv.float(), float(scaling)
+
+
+def _mkldnn_usable(device: torch.device, dtype: torch.dtype) -> bool:
+    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+
+
+class Linear:
+    """y = x W^T + b, with W prepacked once for oneDNN on CPU fp32.
+
+    Why: a plain fp32 GEMM on CPU repacks W on every call, so a 4-row product costs about twice a
+    1-row one, and its result for a row depends on how many rows are in the batch. The prepacked
+    oneDNN kernel (packed for 16 rows) costs nearly the same from 1 to 16 rows and gives every row
+    bit-identical results whatever the batch size, which is what lets a tree forward reproduce
+    plain decoding token for token. Same fp32 arithmetic, so no change of numerics to flag.
+    """
+
+    PACK_ROWS = 16
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.bias = bias
+        self.out_features = weight.shape[0]
+        self.packed = _mkldnn_usable(weight.device, weight.dtype)
+        self.weight = (torch.ops.mkldnn._reorder_linear_weight(weight, self.PACK_ROWS)
+                       if self.packed else weight)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+class Model:
+    """Weights plus a forward over a flat batch of new tokens from one or more cache slots."""
+
+    def __init__(self, hf_config: dict, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+        cfg = ModelConfig.from_hf(hf_config)
+        self.config = cfg
+        self.device = device
+        self.dtype = dtype
+
+        def w(name: str) -> torch.Tensor:
+            if name not in state:
+                raise ValueError(f"weight {name!r} missing from the checkpoint")
+            return state[name].to(device=device, dtype=dtype).contiguous()
+
+        self.embed = w("model.embed_tokens.weight")  # [vocab, hidden]
+        tied = cfg.tie_word_embeddings or "lm_head.weight" not in state
+        self.lm_head = Linear(self.embed if tied else w("lm_head.weight"))  # [vocab, hidden]
+        self.norm = w("model.norm.weight")
+        self.layers = []
+        for i in range(cfg.num_layers):
+            p = f"model.layers.{i}."
+            qkv = torch.cat([w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"),
+                             w(p + "self_attn.v_proj.weight")])  # [q + 2 kv, hidden]
+            qkv_b = None
+            if cfg.qkv_bias:
+                qkv_b = torch.cat([w(p + "self_attn.q_proj.bias"), w(p + "self_attn.k_proj.bias"),
+                                   w(p + "self_attn.v_proj.bias")])
+            self.layers.append((
+                w(p + "input_layernorm.weight"),
+                Linear(qkv, qkv_b),
+                Linear(w(p + "self_attn.o_proj.weight")),
+                w(p + "post_attention_layernorm.weight"),
+                Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])),  # [2 inter, hidden]
+                Linear(w(p + "mlp.down_proj.weight")),
+            ))
+        inv_freq, self.rope_scaling = rope_inv_freq(hf_config, cfg.head_dim)
+        self.inv_freq = inv_freq.to(device)  # [head_dim / 2]
+
+    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache(c.num_layers, num_slots, c.num_kv_heads, max_len, c.head_dim, self.device, self.dtype)
+
+    def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # Computed in fp32 like the reference implementation, whatever the weight dtype.
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
+        return weight * xf.to(x.dtype)
+
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [N, head_dim / 2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [N, head_dim]
+        return ((emb.cos() * self.rope_scaling).to(self.dtype)[:, None, :],
+                (emb.sin() * self.rope_scaling).to(self.dtype)[:, None, :])
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        half = x.shape[-1] // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    @torch.inference_mode()
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, batch: list[SeqBatchEntry],
+                cache: KVCache, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
+        """Run new tokens through the model, writing their K/V into each sequence's slot.
+
+        tokens, positions: [N] with the sequences' rows concatenated in `batch` order.
+        logit_rows: which rows get logits (all when None). Returns fp32 logits [len(logit_rows), vocab].
+        """
+        c = self.config
+        n_q, n_kv, hd = c.num_heads, c.num_kv_heads, c.head_dim
+        q_size, kv_size = n_q * hd, n_kv * hd
+        cos, sin = self._rope(positions)
+        x = self.embed[tokens]  # [N, hidden]
+
+        # Masks depend only on the batch layout, so build them once for all layers.
+        masks = []
+        for e in batch:
+            if e.tree_mask is None and e.n == 1:
+                masks.append(None)
+                continue
+            m = torch.ones(e.n, e.past_len + e.n, dtype=torch.bool, device=self.device)
+            new = e.tree_mask if e.tree_mask is not None else torch.ones(
+                e.n, e.n, dtype=torch.bool, device=self.device).tril_()
+            m[:, e.past_len:] = new
+            masks.append(m)
+
+        for layer_idx, (ln1, qkv_proj, o_proj, ln2, gate_up_proj, down_proj) in enumerate(self.layers):
+            h = self._rms_norm(x, ln1)
+            qkv = qkv_proj(h)  # [N, q + 2 kv]
+            q = qkv[:, :q_size].view(-1, n_q, hd)
+            k = qkv[:, q_size:q_size + kv_size].view(-1, n_kv, hd)
+            v = qkv[:, q_size + kv_size:].view(-1, n_kv, hd)
+            q = self._rotate(q, cos, sin)
+            k = self._rotate(k, cos, sin)
+            k_cache, v_cache = cache.k[layer_idx], cache.v[layer_idx]  # [slots, kv_heads, max_len, hd]
+            outs = []
+            start = 0
+            for e, mask in zip(batch, masks):
+                end = start + e.n
+                total = e.past_len + e.n
+                k_cache[e.slot, :, e.past_len:total] = k[start:end].transpose(0, 1)
+                v_cache[e.slot, :, e.past_len:total] = v[start:end].transpose(0, 1)
+                o = F.scaled_dot_product_attention(
+                    q[start:end].transpose(0, 1).unsqueeze(0),  # [1, heads, n, hd]
+                    k_cache[e.slot, :, :total].unsqueeze(0),
+                    v_cache[e.slot, :, :total].unsqueeze(0),
+                    attn_mask=mask, enable_gqa=True,
+                )  # [1, heads, n, hd]
+                outs.append(o[0].transpose(0, 1).reshape(e.n, q_size))
+                start = end
+            attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+            x = x + o_proj(attn)
+            h = self._rms_norm(x, ln2)
+            gate, up = gate_up_proj(h).chunk(2, dim=-1)
+            x = x + down_proj(F.silu(gate) * up)
+
+        if logit_rows is not None:
+            x = x[logit_rows]
+        return self.lm_head(self._rms_norm(x, self.norm)).float()

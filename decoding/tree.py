@@ -1,0 +1,81 @@
+"""One draft-tree type for chains and trees: token ids plus parent indices.
+
+Node 0 is the root (the next token, already decided); every other node's parent comes before it
+(topological order), so the attention mask, the positions and the accepted path all derive from
+`parents` alone. Sibling tokens are distinct: the tree is a trie of draft continuations.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass(slots=True)
+class DraftTree:
+    tokens: list[int]
+    parents: list[int]
+    kinds: list[str]  # acceptance-statistics key of each node ("" for the root)
+    depths: list[int] = field(default_factory=list)
+    _children: list[dict[int, int]] = field(default_factory=list)
+
+    @classmethod
+    def root(cls, token: int) -> "DraftTree":
+        return cls([token], [-1], [""], [0], [{}])
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    def children(self, node: int) -> dict[int, int]:
+        """token -> child node index, in insertion order."""
+        return self._children[node]
+
+    def add(self, parent: int, token: int, kind: str) -> int:
+        """Add `token` under `parent` unless that child exists; return the child's index."""
+        existing = self._children[parent].get(token)
+        if existing is not None:
+            return existing
+        idx = len(self.tokens)
+        self.tokens.append(token)
+        self.parents.append(parent)
+        self.kinds.append(kind)
+        self.depths.append(self.depths[parent] + 1)
+        self._children.append({})
+        self._children[parent][token] = idx
+        return idx
+
+    def add_chain(self, parent: int, tokens: list[int], kinds: list[str]) -> None:
+        for token, kind in zip(tokens, kinds):
+            parent = self.add(parent, token, kind)
+
+    def subtree(self, keep: list[int]) -> "DraftTree":
+        """The tree restricted to nodes `keep` (must contain the root and every kept node's parent)."""
+        keep = sorted(keep)
+        new_index = {old: new for new, old in enumerate(keep)}
+        out = DraftTree.root(self.tokens[0])
+        for old in keep[1:]:
+            parent = new_index.get(self.parents[old])
+            if parent is None:
+                raise ValueError(f"node {old} kept without its parent {self.parents[old]}")
+            out.add(parent, self.tokens[old], self.kinds[old])
+        return out
+
+    def attention_mask(self, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """[n, n] bool: node i sees its ancestors and itself. None for a chain (plain causal)."""
+        n = len(self.tokens)
+        if all(p == i - 1 for i, p in enumerate(self.parents)):
+            return None
+        rows = [[False] * n for _ in range(n)]
+        for i, p in enumerate(self.parents):
+            if p >= 0:
+                rows[i][:p + 1] = rows[p][:p + 1]
+            rows[i][i] = True
+        return torch.tensor(rows, dtype=torch.bool, device=device)
+
+    def path_to(self, node: int) -> list[int]:
+        path = []
+        while node >= 0:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]

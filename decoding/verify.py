@@ -1,0 +1,101 @@
+"""Sampling parameters and verification of a draft tree against the target's logits.
+
+Vocabulary: the *root* is the decided next token; *draft* nodes hang under it; a draft node is
+*accepted* when verification walks into it; after the last accepted node one more token is
+chosen from the target's distribution there (the *bonus* token, or a *recovered* token drawn
+from the residual distribution after rejections). That token becomes the next step's root.
+
+Greedy: walk while the child equal to the argmax exists. Sampling: multi-step speculative
+sampling with point-mass drafts (SpecInfer): at a node, try the children in order; accept child c
+with probability r(c) under the current residual r, else zero r(c) and renormalise; when every
+child is rejected, draw from the residual. This keeps the output distribution exactly that of
+plain sampling from the processed (temperature, top-k, top-p) distribution.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from decoding.tree import DraftTree
+
+
+@dataclass(slots=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+
+    def __post_init__(self):
+        if not 0.0 <= self.temperature <= 100.0:
+            raise ValueError("temperature must be between 0 and 100")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError("top_p must be in (0, 1]")
+        if self.top_k < 0:
+            raise ValueError("top_k must be >= 0")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def make_generator(params: SamplingParams) -> torch.Generator | None:
+    if params.greedy:
+        return None
+    g = torch.Generator()
+    g.manual_seed(params.seed if params.seed is not None else torch.seed())
+    return g
+
+
+def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[n, vocab] fp32 logits -> [n, vocab] probabilities after temperature, top-k and top-p."""
+    logits = logits / params.temperature
+    if params.top_k and params.top_k < logits.shape[-1]:
+        kth = logits.topk(params.top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    if params.top_p < 1.0:
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        # Drop a token when the mass before it already reaches top_p (the top token always stays).
+        drop = (sorted_p.cumsum(-1) - sorted_p) >= params.top_p
+        sorted_p = sorted_p.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
+        probs = probs / probs.sum(-1, keepdim=True)
+    return probs
+
+
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
+    """Accepted node indices (root first) and the bonus token."""
+    best = logits.argmax(-1).tolist()  # [n]
+    node, path = 0, [0]
+    while (child := tree.children(node).get(best[node])) is not None:
+        node = child
+        path.append(node)
+    return path, best[node]
+
+
+def verify_sampling(tree: DraftTree, logits: torch.Tensor, params: SamplingParams,
+                    generator: torch.Generator | None) -> tuple[list[int], int]:
+    """Tree rejection sampling; returns accepted node indices (root first) and the next token."""
+    node, path = 0, [0]
+    while True:
+        children = tree.children(node)
+        residual = processed_probs(logits[node:node + 1], params)[0]  # [vocab]
+        for token, child in children.items():
+            total = float(residual.sum())
+            p = float(residual[token]) / total if total > 0 else 0.0
+            if p > 0.0 and float(torch.rand((), generator=generator)) < p:
+                node = child
+                path.append(node)
+                break
+            residual[token] = 0.0
+        else:
+            if float(residual.sum()) <= 0.0:  # every token with mass was drafted and rejected
+                residual = processed_probs(logits[node:node + 1], params)[0]
+            return path, sample(residual, generator)

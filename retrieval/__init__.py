@@ -1,0 +1,5 @@
+"""Retrieval helpers for speculative decoding."""
+
+from retrieval.suffix_index import SuffixIndex
+
+__all__ = ["SuffixIndex"]

@@ -1,0 +1,1 @@
+"""HTTP edge and command line of logitspec."""

@@ -1,0 +1,104 @@
+"""The `logitspec` command: generate, bench (and serve, once the server exists)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from decoding.config import DTYPES, METHODS, EngineConfig
+
+
+def _engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
+    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--tree-capacity", type=int, default=64, help="most tokens verified per sequence per step")
+    p.add_argument("--no-adaptive", action="store_true", help="turn off cost-aware tree sizing")
+    p.add_argument("--max-context", type=int, default=4096)
+
+
+def _config(args, method: str) -> EngineConfig:
+    return EngineConfig(model=args.model, method=method, device=args.device, dtype=args.dtype,
+                        threads=args.threads, tree_capacity=args.tree_capacity,
+                        adaptive=not args.no_adaptive, max_context=args.max_context)
+
+
+def cmd_generate(args) -> int:
+    from decoding.engine import Engine
+    from decoding.verify import SamplingParams
+
+    engine = Engine(_config(args, args.method))
+    params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    prompt = (engine.chat_prompt([{"role": "user", "content": args.prompt}]) if not args.raw
+              else engine.tokenizer.encode(args.prompt))
+    t0 = time.perf_counter()
+    seq = engine.generate(prompt, params, args.max_tokens)
+    seconds = time.perf_counter() - t0
+    print(engine.tokenizer.decode(seq.output, skip_special_tokens=True))
+    print(f"\n[{args.method}] {len(seq.output)} tokens in {seq.steps} steps "
+          f"(mean accepted {seq.mean_accepted:.2f}/step), {seconds:.2f} s, "
+          f"{len(seq.output) / seconds:.1f} tok/s, finish: {seq.finish_reason}", file=sys.stderr)
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from decoding.specbench import format_table, plot, run_bench
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
+    if "ar" not in methods:
+        methods.insert(0, "ar")  # speedups and mismatches are measured against ar in the same run
+    result = run_bench(Path(args.data), methods, args.per_category, args.max_new_tokens, _config(args, "ar"))
+    report = result.to_json(methods)
+    print(format_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+    if args.plot:
+        plot(report, Path(args.plot))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    from decoding.specbench import DEFAULT_DATA
+
+    parser = argparse.ArgumentParser(prog="logitspec", description="LogitSpec speculative decoding")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate one answer and print step statistics")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--method", default="logitspec", choices=METHODS)
+    g.add_argument("--max-tokens", type=int, default=256)
+    g.add_argument("--temperature", type=float, default=0.0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
+    _engine_args(g)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="Spec-Bench: MAT, tokens/s and speedup per category")
+    b.add_argument("--data", default=str(DEFAULT_DATA))
+    b.add_argument("--methods", default="ar,pld,logitspec")
+    b.add_argument("--per-category", type=int, default=None)
+    b.add_argument("--max-new-tokens", type=int, default=256)
+    b.add_argument("--json", default=None)
+    b.add_argument("--plot", default=None)
+    _engine_args(b)
+    b.set_defaults(func=cmd_bench)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"logitspec: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from decoding.loader import LoadedModel  # noqa: E402
+
+
+class TinyTokenizer:
+    """Enough of a tokenizer for engine tests on a random model: ids are the text."""
+
+    eos_token_id = 1
+
+    def decode(self, ids, skip_special_tokens=False):
+        return " ".join(map(str, ids))
+
+    def apply_chat_template(self, turns, add_generation_prompt=True, tokenize=True):
+        return [2] + [3 + (ord(c) % 90) for t in turns for c in t["content"]]
+
+
+@pytest.fixture(scope="session")
+def tiny_hf():
+    """A randomly initialised 2-layer Llama (HF reference implementation) and its config dict."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=97, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, eos_token_id=1, bos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    hf = config.to_dict()
+    hf["model_type"] = "llama"
+    return model, hf
+
+
+@pytest.fixture(scope="session")
+def tiny_loaded(tiny_hf):
+    model, hf = tiny_hf
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    return LoadedModel("tiny-random-llama", Path("."), hf, state, TinyTokenizer())
+
+
+@pytest.fixture(scope="session")
+def real_loaded():
+    """The embedded default model (SmolLM2-135M-Instruct), loaded once per test session."""
+    from decoding.loader import load
+
+    return load(None)
+
+
+@pytest.fixture(scope="session")
+def real_engines(real_loaded):
+    """ar, pld and logitspec engines sharing one copy of the real model's weights."""
+    from decoding.config import EngineConfig
+    from decoding.engine import Engine
+
+    engines, model = {}, None
+    for method in ("ar", "pld", "logitspec"):
+        engines[method] = Engine(EngineConfig(method=method, max_context=2048), loaded=real_loaded, model=model)
+        model = engines[method].model
+    return engines

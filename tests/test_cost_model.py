@@ -1,0 +1,66 @@
+import pytest
+
+from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes
+from decoding.tree import DraftTree
+
+
+def flat_then_steep():
+    # 1..8 tokens cost the same, then every token costs as much as a whole forward
+    return CostModel({1: 1.0, 8: 1.0, 9: 2.0, 16: 9.0}, max_tokens=64)
+
+
+def test_interpolation_and_monotone():
+    c = CostModel({1: 1.0, 4: 4.0, 8: 3.0}, max_tokens=16)
+    assert c.cost(1) == 1.0
+    assert c.cost(2) == pytest.approx(2.0)
+    assert c.cost(8) == 4.0  # a bigger forward never looks cheaper than a smaller one
+    assert c.cost(100) == c.cost(16)
+
+
+def test_choose_takes_free_tokens_and_stops_when_they_cost():
+    c = flat_then_steep()
+    # sequence 0 has 10 good candidates; only 7 fit in the flat region (root + 7 = 8 tokens)
+    assert c.choose([[0.9] * 10], [63]) == [7]
+
+
+def test_choose_no_draft_when_nothing_pays():
+    c = CostModel({1: 1.0, 2: 2.0, 64: 64.0}, max_tokens=64)  # cost linear in tokens
+    assert c.choose([[0.5, 0.4, 0.3]], [63]) == [0]
+
+
+def test_choose_across_batch_prefers_likely_nodes():
+    c = CostModel({1: 1.0, 4: 1.0, 5: 10.0}, max_tokens=64)  # 4 tokens free, then very costly
+    # two sequences (two roots): two free slots go to the two most likely nodes
+    assert c.choose([[0.9, 0.2], [0.8, 0.7]], [63, 63]) == [1, 1]
+
+
+def test_choose_respects_limits():
+    assert flat_then_steep().choose([[0.9] * 10], [3]) == [3]
+
+
+def test_observe_moves_estimate():
+    c = CostModel({1: 1.0, 16: 1.0}, max_tokens=16, alpha=0.5)
+    c.observe(16, 3.0)
+    assert c.cost(16) == pytest.approx(2.0)
+
+
+def test_acceptance_stats_prior_and_updates():
+    s = AcceptanceStats(prior=0.5, prior_weight=2.0, decay=1.0)
+    t = DraftTree.root(1)
+    t.add_chain(0, [2, 3], ["k1", "k2"])
+    assert s.node_probs(t) == [1.0, 0.5, 0.5]
+    s.record(t, [0, 1])  # node 1 accepted, node 2 rejected
+    assert s.p("k1") == pytest.approx((1 + 1) / (1 + 2))
+    assert s.p("k2") == pytest.approx((0 + 1) / (1 + 2))
+    assert s.by_position == {1: [1, 1], 2: [1, 0]}
+
+
+def test_child_estimate_capped_by_parent_and_ranking():
+    s = AcceptanceStats(decay=1.0)
+    s.kinds = {"low": [100.0, 10.0], "high": [100.0, 90.0]}
+    t = DraftTree.root(1)
+    t.add_chain(0, [2, 3], ["low", "high"])
+    t.add(0, 4, "high")
+    ps = s.node_probs(t)
+    assert ps[2] == ps[1] < ps[3]
+    assert ranked_nodes(t, ps) == [3, 1, 2]

@@ -1,0 +1,108 @@
+"""The model runner on a tiny random Llama: against transformers, and tree/batch/KV mechanics."""
+
+import pytest
+import torch
+
+from decoding.model import Model, SeqBatchEntry
+from decoding.tree import DraftTree
+
+ATOL = 2e-5
+
+
+@pytest.fixture(scope="module")
+def model(tiny_loaded):
+    return Model(tiny_loaded.hf_config, tiny_loaded.state, torch.device("cpu"), torch.float32)
+
+
+def prefill(model, cache, slot, tokens):
+    n = len(tokens)
+    return model.forward(torch.tensor(tokens), torch.arange(n), [SeqBatchEntry(slot, 0, n, None)], cache)
+
+
+def test_matches_transformers(model, tiny_hf):
+    hf_model, _ = tiny_hf
+    tokens = [5, 17, 3, 60, 22, 9, 41, 8]
+    cache = model.new_cache(1, 64)
+    ours = prefill(model, cache, 0, tokens)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([tokens])).logits[0]
+    assert ours.shape == (8, 97)
+    assert torch.allclose(ours, ref, atol=ATOL)
+
+
+def test_tree_forward_equals_sequential_decoding(model):
+    cache = model.new_cache(1, 64)
+    prompt = [5, 17, 3, 60]
+    prefill(model, cache, 0, prompt)
+    # sequential reference for the path 7, 8, 9
+    seq_cache = model.new_cache(1, 64)
+    prefill(model, seq_cache, 0, prompt)
+    ref = []
+    for i, tok in enumerate([7, 8, 9]):
+        ref.append(model.forward(torch.tensor([tok]), torch.tensor([4 + i]),
+                                 [SeqBatchEntry(0, 4 + i, 1, None)], seq_cache))
+    ref = torch.cat(ref)
+    # tree: root 7 with children 30 (leaf) and 8, 8 with children 31 and 9
+    t = DraftTree.root(7)
+    t.add(0, 30, "x")
+    n8 = t.add(0, 8, "x")
+    t.add(n8, 31, "x")
+    n9 = t.add(n8, 9, "x")
+    positions = torch.tensor([4 + d for d in t.depths])
+    out = model.forward(torch.tensor(t.tokens), positions, [SeqBatchEntry(0, 4, len(t), t.attention_mask())], cache)
+    path = t.path_to(n9)
+    assert torch.allclose(out[path], ref, atol=ATOL)
+    # keep the accepted path's K/V only, then decoding continues as if it had been sequential
+    cache.keep(0, 4, path)
+    nxt = model.forward(torch.tensor([50]), torch.tensor([7]), [SeqBatchEntry(0, 7, 1, None)], cache)
+    ref_next = model.forward(torch.tensor([50]), torch.tensor([7]), [SeqBatchEntry(0, 7, 1, None)], seq_cache)
+    assert torch.allclose(nxt, ref_next, atol=ATOL)
+
+
+def test_batched_forward_equals_separate(model):
+    a, b = [5, 17, 3, 60, 22], [9, 41, 8]
+    cache = model.new_cache(3, 64)
+    sep_a = prefill(model, cache, 0, a)
+    sep_b = prefill(model, cache, 1, b)
+    # same two prompts prefilled together into other slots, as ragged rows of one forward
+    batch_cache = model.new_cache(3, 64)
+    out = model.forward(torch.tensor(a + b), torch.cat([torch.arange(5), torch.arange(3)]),
+                        [SeqBatchEntry(2, 0, 5, None), SeqBatchEntry(0, 0, 3, None)], batch_cache)
+    assert torch.allclose(out[:5], sep_a, atol=ATOL)
+    assert torch.allclose(out[5:], sep_b, atol=ATOL)
+
+
+def test_logit_rows_selects_rows(model):
+    cache = model.new_cache(1, 64)
+    tokens = [5, 17, 3, 60]
+    full = prefill(model, cache, 0, tokens)
+    last = model.forward(torch.tensor(tokens), torch.arange(4), [SeqBatchEntry(0, 0, 4, None)], cache,
+                         torch.tensor([3]))
+    assert torch.allclose(last[0], full[3], atol=ATOL)
+
+
+def test_linear_rows_do_not_depend_on_batch_size(model):
+    """Prepacked CPU fp32 linears: a row's result is bit-identical alone or among others."""
+    lin = model.layers[0][4]  # gate/up projection
+    x = torch.randn(40, model.config.hidden_size)
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(40)])
+    for m in (2, 5, 16, 17, 40):
+        assert torch.equal(lin(x[:m]), alone[:m])
+
+
+def test_kv_slots_allocate_and_release(model):
+    cache = model.new_cache(2, 8)
+    s1, s2 = cache.allocate(), cache.allocate()
+    assert {s1, s2} == {0, 1} and cache.free_slots == 0
+    with pytest.raises(RuntimeError):
+        cache.allocate()
+    cache.release(s1)
+    with pytest.raises(ValueError):
+        cache.release(s1)
+    assert cache.used_slots == 1
+
+
+def test_unsupported_architecture_is_a_clear_error(tiny_loaded):
+    hf = dict(tiny_loaded.hf_config, model_type="gpt2")
+    with pytest.raises(ValueError, match="unsupported model architecture"):
+        Model(hf, tiny_loaded.state, torch.device("cpu"), torch.float32)

@@ -1,0 +1,122 @@
+import math
+
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from decoding.tree import DraftTree
+from decoding.verify import SamplingParams, processed_probs, verify_greedy, verify_sampling
+
+
+def logits_from(rows):
+    return torch.tensor(rows, dtype=torch.float32).log()
+
+
+def tree_two_levels():
+    #      0(root)
+    #    /   |    \
+    #  1(2) 3(0)  4(4)
+    #   |
+    #  2(1)
+    t = DraftTree.root(3)
+    t.add_chain(0, [2, 1], ["a", "a"])
+    t.add(0, 0, "b")
+    t.add(0, 4, "c")
+    return t
+
+
+def test_greedy_walks_agreeing_path_and_returns_bonus():
+    t = tree_two_levels()
+    # argmax per node: root->2 (node 1), node1->1 (node 2), node2->3 (bonus)
+    logits = torch.full((5, 5), -5.0)
+    logits[0, 2] = 1
+    logits[1, 1] = 1
+    logits[2, 3] = 1
+    logits[3, 0] = 1
+    logits[4, 0] = 1
+    assert verify_greedy(t, logits) == ([0, 1, 2], 3)
+
+
+def test_greedy_rejects_at_root():
+    t = tree_two_levels()
+    logits = torch.zeros(5, 5)
+    logits[0, 3] = 1  # token 3 is no child of the root
+    assert verify_greedy(t, logits) == ([0], 3)
+
+
+def test_processed_probs_top_k_top_p():
+    logits = logits_from([[0.5, 0.25, 0.15, 0.1]])
+    p = processed_probs(logits, SamplingParams(temperature=1.0, top_k=2))
+    assert torch.allclose(p, torch.tensor([[2 / 3, 1 / 3, 0, 0]]))
+    p = processed_probs(logits, SamplingParams(temperature=1.0, top_p=0.7))
+    assert torch.allclose(p, torch.tensor([[2 / 3, 1 / 3, 0, 0]]))  # 0.5 < 0.7, 0.75 >= 0.7
+    p = processed_probs(logits, SamplingParams(temperature=1.0, top_p=0.5))
+    assert torch.allclose(p, torch.tensor([[1.0, 0, 0, 0]]))
+
+
+def test_params_validation():
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_p=1.5), dict(top_k=-1)):
+        with pytest.raises(ValueError):
+            SamplingParams(**bad)
+
+
+def emitted_pair(tree, path, next_token):
+    """The first two tokens after the root, None where the step did not decide the second."""
+    toks = [tree.tokens[i] for i in path[1:]] + [next_token]
+    return toks[0], (toks[1] if len(toks) > 1 else None)
+
+
+def run_chi_square(tree, rows, params, draws=20000, seed=0):
+    logits = torch.tensor(rows, dtype=torch.float32).log()
+    target = processed_probs(logits, params)  # [nodes, vocab]
+    g = torch.Generator().manual_seed(seed)
+    firsts, seconds = [], {}
+    for _ in range(draws):
+        path, nxt = verify_sampling(tree, logits, params, g)
+        a, b = emitted_pair(tree, path, nxt)
+        firsts.append(a)
+        if b is not None:
+            seconds.setdefault(a, []).append(b)
+    vocab = logits.shape[1]
+    counts = torch.bincount(torch.tensor(firsts), minlength=vocab).double()
+    support = target[0] > 0
+    assert counts[~support].sum() == 0, "sampled a token with zero probability"
+    exp = target[0][support].double()
+    exp = exp / exp.sum() * counts.sum()
+    assert chisquare(counts[support].numpy(), exp.numpy()).pvalue > 1e-3
+    # Given the first token is a drafted child with children of its own, the second token follows
+    # that child's distribution.
+    for token, node in tree.children(0).items():
+        if tree.children(node) and token in seconds and len(seconds[token]) > 500:
+            c = torch.bincount(torch.tensor(seconds[token]), minlength=vocab).double()
+            sup = target[node] > 0
+            e = target[node][sup].double()
+            e = e / e.sum() * c.sum()
+            assert chisquare(c[sup].numpy(), e.numpy()).pvalue > 1e-3
+
+
+ROWS = [
+    [0.30, 0.05, 0.40, 0.05, 0.20],  # root: the drafted children 2, 0, 4 hold 90%
+    [0.10, 0.60, 0.10, 0.10, 0.10],  # after 2
+    [0.20, 0.20, 0.20, 0.20, 0.20],  # after 2, 1
+    [0.25, 0.25, 0.25, 0.15, 0.10],  # after 0
+    [0.05, 0.05, 0.05, 0.05, 0.80],  # after 4
+]
+
+
+def test_tree_rejection_sampling_matches_target_distribution():
+    run_chi_square(tree_two_levels(), ROWS, SamplingParams(temperature=1.0))
+
+
+def test_tree_rejection_sampling_with_temperature_top_k_top_p():
+    run_chi_square(tree_two_levels(), ROWS, SamplingParams(temperature=0.7, top_k=4, top_p=0.9), seed=1)
+
+
+def test_chi_square_detects_a_biased_sampler():
+    """The statistical check is able to fail: a sampler that always accepts the first child is caught."""
+    tree = tree_two_levels()
+    logits = torch.tensor(ROWS).log()
+    target = processed_probs(logits, SamplingParams(temperature=1.0))[0]
+    firsts = [2] * 5000  # what an accept-always verifier would emit
+    counts = torch.bincount(torch.tensor(firsts), minlength=5).double()
+    assert chisquare(counts.numpy(), (target.double() * 5000).numpy()).pvalue < 1e-6
