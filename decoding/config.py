@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 METHODS = ("ar", "pld", "logitspec")
+SAMPLERS = ("coupled", "specinfer")
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
@@ -20,6 +21,7 @@ class EngineConfig:
     adaptive: bool = True  # cost-aware tree sizing
     prefill_chunk: int = 512
     threads: int = 0  # torch intra-op threads; 0 = torch's default
+    sampler: str = "coupled"  # lossless sampling verifier: coupled (seed-reproducible) or specinfer
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -31,5 +33,7 @@ class EngineConfig:
         for name in ("max_batch", "max_context", "tree_capacity", "prefill_chunk"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
         if self.threads < 0:
             raise ValueError("threads must be >= 0")

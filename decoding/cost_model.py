@@ -13,20 +13,41 @@ from decoding.tree import DraftTree
 
 
 class AcceptanceStats:
-    """Decayed accept/offer counts per node kind, with an optimistic prior so new kinds get tried."""
+    """Decayed accept/offer counts per node kind, shrunk towards coarser kinds while data is thin.
 
-    def __init__(self, prior: float = 0.5, prior_weight: float = 2.0, decay: float = 0.998):
+    A kind reads "family:detail...:depth" (e.g. "next0:m2:3"). Its estimate is pulled towards its
+    coarse kind "family:depth", whose estimate is pulled towards `prior`, so a rare kind starts
+    from what its family has shown instead of from an arbitrary constant.
+    """
+
+    def __init__(self, prior: float = 0.2, prior_weight: float = 4.0, decay: float = 0.998):
         self.prior = prior
         self.prior_weight = prior_weight
         self.decay = decay
-        self.kinds: dict[str, list[float]] = {}  # kind -> [offered, accepted], decayed
+        self.kinds: dict[str, list[float]] = {}  # kind (fine or coarse) -> [offered, accepted], decayed
         self.by_position: dict[int, list[int]] = {}  # depth -> [offered, accepted], exact totals
+        self._cache: dict[str, float] = {}
 
-    def p(self, kind: str) -> float:
+    @staticmethod
+    def coarse(kind: str) -> str:
+        parts = kind.split(":")
+        return f"{parts[0]}:{parts[-1]}" if len(parts) > 2 else kind
+
+    def _shrunk(self, kind: str, toward: float) -> float:
         s = self.kinds.get(kind)
         if s is None:
-            return self.prior
-        return (s[1] + self.prior * self.prior_weight) / (s[0] + self.prior_weight)
+            return toward
+        return (s[1] + toward * self.prior_weight) / (s[0] + self.prior_weight)
+
+    def p(self, kind: str) -> float:
+        p = self._cache.get(kind)
+        if p is None:
+            coarse = self.coarse(kind)
+            p = self._shrunk(coarse, self.prior)
+            if coarse != kind:
+                p = self._shrunk(kind, p)
+            self._cache[kind] = p
+        return p
 
     def node_probs(self, tree: DraftTree) -> list[float]:
         """Estimated marginal acceptance of each node; never above its parent's. Root = 1."""
@@ -38,11 +59,15 @@ class AcceptanceStats:
     def record(self, tree: DraftTree, accepted: list[int]) -> None:
         hit = set(accepted)
         d = self.decay
+        self._cache.clear()
         for i in range(1, len(tree)):
-            s = self.kinds.setdefault(tree.kinds[i], [0.0, 0.0])
             ok = i in hit
-            s[0] = s[0] * d + 1.0
-            s[1] = s[1] * d + ok
+            kind = tree.kinds[i]
+            coarse = self.coarse(kind)
+            for key in (kind, coarse) if coarse != kind else (kind,):
+                s = self.kinds.setdefault(key, [0.0, 0.0])
+                s[0] = s[0] * d + 1.0
+                s[1] = s[1] * d + ok
             pos = self.by_position.setdefault(tree.depths[i], [0, 0])
             pos[0] += 1
             pos[1] += ok

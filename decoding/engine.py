@@ -20,7 +20,8 @@ from decoding.drafters import Drafter, make_drafter
 from decoding.loader import LoadedModel, load, log
 from decoding.model import Model, SeqBatchEntry
 from decoding.tree import DraftTree
-from decoding.verify import SamplingParams, make_generator, processed_probs, sample, verify_greedy, verify_sampling
+from decoding.verify import (SamplingParams, coupled_sample, make_generator, processed_probs, sample, verify_coupled,
+                             verify_greedy, verify_sampling)
 from retrieval.suffix_index import SuffixIndex
 
 CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -35,7 +36,8 @@ class Sequence:
     max_new_tokens: int
     stop_ids: frozenset[int]
     index: SuffixIndex
-    generator: torch.Generator | None = None
+    generator: torch.Generator | None = None  # specinfer sampler
+    seed: int = 0  # coupled sampler: noise for position i comes from (seed, i)
     slot: int = -1
     past_len: int = 0  # tokens whose K/V are in the slot
     root: int = -1  # the decided next token, not yet in the cache
@@ -161,8 +163,9 @@ class Engine:
         if index is None:
             index = SuffixIndex()
         index.extend(prompt)
+        seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
         seq = Sequence(prompt=list(prompt), params=params, max_new_tokens=max_new_tokens,
-                       stop_ids=self.stop_ids, index=index, generator=make_generator(params))
+                       stop_ids=self.stop_ids, index=index, generator=make_generator(params), seed=seed)
         seq.slot = self.cache.allocate()
         t0 = time.perf_counter()
         chunk = self.config.prefill_chunk
@@ -186,6 +189,8 @@ class Engine:
         """logits: [vocab], the target's distribution for the next token."""
         if seq.params.greedy:
             token = int(logits.argmax())
+        elif self.config.sampler == "coupled":
+            token = coupled_sample(logits, seq.params, seq.seed, seq.past_len)
         else:
             token = sample(processed_probs(logits[None], seq.params)[0], seq.generator)
         self._set_root(seq, token, logits)
@@ -205,6 +210,11 @@ class Engine:
         """Draft, verify in one forward and emit for every running sequence; returns new tokens each."""
         t0 = time.perf_counter()
         trees = [self.drafter.propose(s.index, s.root, s.guesses) for s in seqs]
+        for seq, tree in zip(seqs, trees):
+            # Acceptance runs in streaks (copying a list, a quote, a loop): a sequence whose last
+            # step accepted drafts is "hot", and its nodes are judged by hot statistics.
+            if seq.step_sizes and seq.step_sizes[-1] > 1:
+                tree.kinds = [k and "h." + k for k in tree.kinds]
         trees = self._size_trees(seqs, trees)
         t1 = time.perf_counter()
         masks = [t.attention_mask() for t in trees]
@@ -248,6 +258,8 @@ class Engine:
     def _accept(self, seq: Sequence, tree: DraftTree, logits: torch.Tensor) -> list[int]:
         if seq.params.greedy:
             path, next_token = verify_greedy(tree, logits)
+        elif self.config.sampler == "coupled":
+            path, next_token = verify_coupled(tree, logits, seq.params, seq.seed, seq.past_len)
         else:
             path, next_token = verify_sampling(tree, logits, seq.params, seq.generator)
         if len(tree) > 1:

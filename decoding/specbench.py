@@ -80,7 +80,7 @@ class BenchResult:
             }
             if m in self.split:
                 out["methods"][m]["time_split"] = self.split[m]
-        out["mismatches"] = {m: self.mismatches[m] for m in methods if m != "ar"}
+        out["mismatches"] = {m: self.mismatches[m] for m in methods if m != "ar" and "ar" in methods}
         return out
 
 

@@ -5,11 +5,19 @@ Vocabulary: the *root* is the decided next token; *draft* nodes hang under it; a
 chosen from the target's distribution there (the *bonus* token, or a *recovered* token drawn
 from the residual distribution after rejections). That token becomes the next step's root.
 
-Greedy: walk while the child equal to the argmax exists. Sampling: multi-step speculative
-sampling with point-mass drafts (SpecInfer): at a node, try the children in order; accept child c
-with probability r(c) under the current residual r, else zero r(c) and renormalise; when every
-child is rejected, draw from the residual. This keeps the output distribution exactly that of
-plain sampling from the processed (temperature, top-k, top-p) distribution.
+Greedy: walk while the child equal to the argmax exists.
+
+Sampling, two lossless verifiers (the output distribution is exactly that of plain sampling from
+the processed temperature/top-k/top-p distribution):
+- `coupled` (the engine's default): the token at sequence position i is the Gumbel-max sample
+  argmax(log p_i + G_i), with the noise G_i drawn from (seed, i) alone. Verification is then the
+  greedy walk on perturbed logits. Since the noise does not depend on the tree, a seeded request
+  gives the same text whatever the draft, tree size or batch, and the same text as `ar`.
+- `specinfer`: multi-step speculative sampling with point-mass drafts: at a node, try the
+  children in order; accept child c with probability r(c) under the current residual r, else zero
+  r(c) and renormalise; when every child is rejected, draw from the residual. Its draws depend on
+  the tree's shape, so seeded output repeats only for identical trees.
+Both accept a drafted child with the same probability (its mass under the target).
 """
 
 from __future__ import annotations
@@ -39,6 +47,33 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+
+def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
+    """[vocab] Gumbel(0, 1) noise that depends only on (seed, position)."""
+    g = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + position) % (2**63 - 1))
+    u = torch.rand(vocab, generator=g, dtype=torch.float64).clamp_(min=1e-300)
+    return -torch.log(-torch.log(u))
+
+
+def coupled_sample(logits: torch.Tensor, params: SamplingParams, seed: int, position: int) -> int:
+    """The token at `position`: Gumbel-max over the processed distribution of `logits` [vocab]."""
+    probs = processed_probs(logits[None], params)[0].double()
+    noise = gumbel_noise(seed, position, probs.shape[-1])
+    return int((probs.log() + noise).argmax())
+
+
+def verify_coupled(tree: DraftTree, logits: torch.Tensor, params: SamplingParams, seed: int,
+                   past_len: int) -> tuple[list[int], int]:
+    """Accepted node indices and the next token; node i decides sequence position past_len + depth + 1."""
+    node, path = 0, [0]
+    while True:
+        token = coupled_sample(logits[node], params, seed, past_len + tree.depths[node] + 1)
+        child = tree.children(node).get(token)
+        if child is None:
+            return path, token
+        node = child
+        path.append(node)
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

@@ -19,12 +19,15 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tree-capacity", type=int, default=64, help="most tokens verified per sequence per step")
     p.add_argument("--no-adaptive", action="store_true", help="turn off cost-aware tree sizing")
     p.add_argument("--max-context", type=int, default=4096)
+    p.add_argument("--sampler", default="coupled", choices=("coupled", "specinfer"),
+                   help="lossless sampling verifier (coupled: same text for a seed whatever the draft)")
 
 
 def _config(args, method: str) -> EngineConfig:
     return EngineConfig(model=args.model, method=method, device=args.device, dtype=args.dtype,
                         threads=args.threads, tree_capacity=args.tree_capacity,
-                        adaptive=not args.no_adaptive, max_context=args.max_context)
+                        adaptive=not args.no_adaptive, max_context=args.max_context,
+                        sampler=args.sampler)
 
 
 def cmd_generate(args) -> int:
@@ -53,7 +56,8 @@ def cmd_bench(args) -> int:
         if m not in METHODS:
             raise SystemExit(f"unknown method {m!r}; choose from {', '.join(METHODS)}")
     if "ar" not in methods:
-        methods.insert(0, "ar")  # speedups and mismatches are measured against ar in the same run
+        print("logitspec: ar not among --methods: no speedups or mismatches (they are measured against ar "
+              "in the same run)", file=sys.stderr)
     result = run_bench(Path(args.data), methods, args.per_category, args.max_new_tokens, _config(args, "ar"))
     report = result.to_json(methods)
     print(format_table(report))

@@ -41,17 +41,24 @@ def test_speculative_sampling_matches_plain_sampling_on_real_logits(real_engines
     prompt = engine.chat_prompt([{"role": "user", "content": "Name a colour."}])
     seq = engine.start_sequence(prompt, SamplingParams(), 8)
     try:
-        # A real LogitSpec tree under the decided root, verified in one real forward.
+        # A real LogitSpec tree under the decided root, plus the root's own likeliest next tokens
+        # (from a first real forward) so that acceptance, not only rejection, is exercised.
         tree = engine.drafter.propose(seq.index, seq.root, seq.guesses)
-        tree = tree.subtree(list(range(min(len(tree), 24))))
-        assert len(tree.children(0)) >= 3
-        positions = torch.tensor([seq.past_len + d for d in tree.depths])
-        logits = engine.model.forward(torch.tensor(tree.tokens), positions,
-                                      [SeqBatchEntry(seq.slot, seq.past_len, len(tree), tree.attention_mask())],
-                                      engine.cache)
+        tree = tree.subtree(list(range(min(len(tree), 16))))
+
+        def forward(t):
+            positions = torch.tensor([seq.past_len + d for d in t.depths])
+            return engine.model.forward(torch.tensor(t.tokens), positions,
+                                        [SeqBatchEntry(seq.slot, seq.past_len, len(t), t.attention_mask())],
+                                        engine.cache)
+
+        for token in forward(tree)[0].topk(4).indices.tolist():
+            tree.add(0, token, "top")
+        logits = forward(tree)
+        assert len(tree.children(0)) >= 5
     finally:
         engine.stop_sequence(seq)
-    params = SamplingParams(temperature=1.0, top_k=20)
+    params = SamplingParams(temperature=1.0, top_k=50)
     target = processed_probs(logits[0:1], params)[0].double()
     g = torch.Generator().manual_seed(0)
     draws = 4000
@@ -66,17 +73,17 @@ def test_speculative_sampling_matches_plain_sampling_on_real_logits(real_engines
     assert chisquare(counts[support].numpy(), expected.numpy()).pvalue > 1e-3
     # the drafted children carry real mass, so acceptance was exercised, not bypassed
     drafted = torch.tensor(list(tree.children(0)))
-    assert target[drafted].sum() > 0.05
+    assert target[drafted].sum() > 0.3
 
 
-def test_seeded_sampling_same_for_every_method(real_engines):
-    """Same seed, same text, whatever the method? No: the methods consume randomness differently.
-    What must hold is reproducibility per method and a valid stop/length finish."""
+def test_seeded_sampling_same_text_for_every_method(real_engines):
+    """Coupled sampling: a seed fixes the text, whatever the drafter and the tree sizes chosen."""
     prompt = real_engines["ar"].chat_prompt([{"role": "user", "content": "Tell me a short story."}])
-    for engine in real_engines.values():
-        p = SamplingParams(temperature=0.8, top_p=0.95, seed=7)
-        a, b = engine.generate(prompt, p, 24), engine.generate(prompt, p, 24)
-        assert a.output == b.output and a.finish_reason in ("stop", "length")
+    p = SamplingParams(temperature=0.8, top_p=0.95, seed=7)
+    outputs = {m: e.generate(prompt, p, 32).output for m, e in real_engines.items()}
+    assert outputs["pld"] == outputs["ar"] and outputs["logitspec"] == outputs["ar"]
+    other = real_engines["ar"].generate(prompt, SamplingParams(temperature=0.8, top_p=0.95, seed=8), 32)
+    assert other.output != outputs["ar"]
 
 
 def test_cli_bench_writes_report(tmp_path):

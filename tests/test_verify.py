@@ -5,7 +5,7 @@ import torch
 from scipy.stats import chisquare
 
 from decoding.tree import DraftTree
-from decoding.verify import SamplingParams, processed_probs, verify_greedy, verify_sampling
+from decoding.verify import SamplingParams, processed_probs, verify_coupled, verify_greedy, verify_sampling
 
 
 def logits_from(rows):
@@ -66,13 +66,16 @@ def emitted_pair(tree, path, next_token):
     return toks[0], (toks[1] if len(toks) > 1 else None)
 
 
-def run_chi_square(tree, rows, params, draws=20000, seed=0):
+def run_chi_square(tree, rows, params, draws=20000, seed=0, sampler="specinfer"):
     logits = torch.tensor(rows, dtype=torch.float32).log()
     target = processed_probs(logits, params)  # [nodes, vocab]
     g = torch.Generator().manual_seed(seed)
     firsts, seconds = [], {}
-    for _ in range(draws):
-        path, nxt = verify_sampling(tree, logits, params, g)
+    for i in range(draws):
+        if sampler == "specinfer":
+            path, nxt = verify_sampling(tree, logits, params, g)
+        else:  # a fresh seed per draw, as per request
+            path, nxt = verify_coupled(tree, logits, params, seed * draws + i, past_len=10)
         a, b = emitted_pair(tree, path, nxt)
         firsts.append(a)
         if b is not None:
@@ -110,6 +113,24 @@ def test_tree_rejection_sampling_matches_target_distribution():
 
 def test_tree_rejection_sampling_with_temperature_top_k_top_p():
     run_chi_square(tree_two_levels(), ROWS, SamplingParams(temperature=0.7, top_k=4, top_p=0.9), seed=1)
+
+
+def test_coupled_sampling_matches_target_distribution():
+    run_chi_square(tree_two_levels(), ROWS, SamplingParams(temperature=1.0), draws=8000, sampler="coupled")
+    run_chi_square(tree_two_levels(), ROWS, SamplingParams(temperature=0.7, top_k=4, top_p=0.9), draws=8000,
+                   seed=3, sampler="coupled")
+
+
+def test_coupled_sampling_does_not_depend_on_the_tree():
+    """Same seed: the emitted tokens agree between a bare root and a full tree, as far as both go."""
+    logits = torch.tensor(ROWS).log()
+    params = SamplingParams(temperature=1.0)
+    bare = DraftTree.root(3)
+    for seed in range(200):
+        path, nxt = verify_coupled(tree_two_levels(), logits, params, seed, past_len=10)
+        tokens = [tree_two_levels().tokens[i] for i in path[1:]] + [nxt]
+        _, first = verify_coupled(bare, logits[:1], params, seed, past_len=10)
+        assert tokens[0] == first
 
 
 def test_chi_square_detects_a_biased_sampler():
