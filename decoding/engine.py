@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from decoding.config import EngineConfig
+from decoding.config import METHODS, EngineConfig
 from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes
 from decoding.drafters import Drafter, make_drafter
 from decoding.loader import LoadedModel, load, log
@@ -36,6 +36,7 @@ class Sequence:
     max_new_tokens: int
     stop_ids: frozenset[int]
     index: SuffixIndex
+    drafter: Drafter | None = None
     generator: torch.Generator | None = None  # specinfer sampler
     seed: int = 0  # coupled sampler: noise for position i comes from (seed, i)
     slot: int = -1
@@ -46,6 +47,9 @@ class Sequence:
     finish_reason: str | None = None
     steps: int = 0
     step_sizes: list[int] = field(default_factory=list)  # tokens emitted per step
+    logprobs: int | None = None  # when set: record each output token's logprob and this many alternatives
+    token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    _root_logprob: tuple[float, list[tuple[int, float]]] | None = None
 
     @property
     def finished(self) -> bool:
@@ -97,11 +101,13 @@ class Engine:
         self.model = model or Model(self.loaded.hf_config, self.loaded.state, self.device, self.dtype)
         max_len = min(config.max_context, self.model.config.max_position)
         self.cache = self.model.new_cache(config.max_batch, max_len)
-        self.drafter: Drafter = make_drafter(config.method)
+        # One drafter per method; a sequence picks one when it starts (default: config.method).
+        self.drafters: dict[str, Drafter] = {m: make_drafter(m) for m in METHODS}
+        self.drafter = self.drafters[config.method]
         self.stats = AcceptanceStats()
         self.times = StepTimes()
         self.stop_ids = self._stop_ids()
-        self.cost = self._calibrate() if config.method != "ar" and config.adaptive else None
+        self.cost = self._calibrate() if config.adaptive and (config.method != "ar" or config.max_batch > 1) else None
 
     # ---- set-up -------------------------------------------------------------------------------
 
@@ -153,31 +159,55 @@ class Engine:
 
     # ---- sequence lifecycle ----------------------------------------------------------------------
 
-    def start_sequence(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
-                       index: SuffixIndex | None = None) -> Sequence:
-        """Allocate a slot, prefill the prompt and decide the first token."""
+    def new_sequence(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
+                     index: SuffixIndex | None = None, logprobs: int | None = None,
+                     method: str | None = None) -> Sequence:
+        """Validate, allocate a KV slot and index the prompt; `prefill` then runs it through the model."""
         if not prompt:
             raise ValueError("the prompt is empty")
+        if method is not None and method not in self.drafters:
+            raise ValueError(f"unknown method {method!r}; choose one of {', '.join(self.drafters)}")
         if len(prompt) + 1 > self.cache.max_len:
             raise ValueError(f"prompt of {len(prompt)} tokens exceeds the context of {self.cache.max_len}")
-        if index is None:
-            index = SuffixIndex()
-        index.extend(prompt)
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
         seq = Sequence(prompt=list(prompt), params=params, max_new_tokens=max_new_tokens,
-                       stop_ids=self.stop_ids, index=index, generator=make_generator(params), seed=seed)
+                       stop_ids=self.stop_ids, index=index if index is not None else SuffixIndex(),
+                       generator=make_generator(params), seed=seed, logprobs=logprobs,
+                       drafter=self.drafters[method] if method else self.drafter)
+        seq.index.extend(prompt)
         seq.slot = self.cache.allocate()
+        return seq
+
+    def prefill(self, seq: Sequence, max_chunks: int | None = None) -> bool:
+        """Run up to `max_chunks` prompt chunks (all when None); True once the first token is decided."""
         t0 = time.perf_counter()
-        chunk = self.config.prefill_chunk
-        for start in range(0, len(prompt), chunk):
-            part = prompt[start:start + chunk]
+        chunk, done = self.config.prefill_chunk, 0
+        while seq.past_len < len(seq.prompt) and (max_chunks is None or done < max_chunks):
+            start = seq.past_len
+            part = seq.prompt[start:start + chunk]
             logits = self._forward(torch.tensor(part), torch.arange(start, start + len(part)),
                                    [SeqBatchEntry(seq.slot, start, len(part), None)], last_only=True)
-        seq.past_len = len(prompt)
+            seq.past_len += len(part)
+            done += 1
         self.times.prefill += time.perf_counter() - t0
-        self._decide_root(seq, logits[0])
-        if max_new_tokens <= 0:
+        if seq.past_len < len(seq.prompt):
+            return False
+        if seq.max_new_tokens <= 0:
             seq.finish_reason = "length"
+        else:
+            self._decide_root(seq, logits[0])
+        return True
+
+    def start_sequence(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
+                       index: SuffixIndex | None = None, logprobs: int | None = None,
+                       method: str | None = None) -> Sequence:
+        """Allocate a slot, prefill the prompt and decide the first token."""
+        seq = self.new_sequence(prompt, params, max_new_tokens, index, logprobs, method)
+        try:
+            self.prefill(seq)
+        except BaseException:
+            self.stop_sequence(seq)
+            raise
         return seq
 
     def stop_sequence(self, seq: Sequence) -> None:
@@ -201,15 +231,27 @@ class Engine:
             seq.finish_reason = "stop"
             return
         seq.root = token
-        k = self.drafter.guesses
+        if seq.logprobs is not None:
+            seq._root_logprob = self._logprob(logits, token, seq.logprobs)
+        k = seq.drafter.guesses
         seq.guesses = logits.topk(k + 1).indices.tolist() if k else []
+
+    @staticmethod
+    def _logprob(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+        """The model's own (temperature 1) log-probability of `token` and the `top` likeliest."""
+        lp = torch.log_softmax(logits, dim=-1)
+        alts = []
+        if top:
+            values, ids = lp.topk(top)
+            alts = list(zip(ids.tolist(), values.tolist()))
+        return float(lp[token]), alts
 
     # ---- one decoding step over a batch ----------------------------------------------------------------
 
     def step(self, seqs: list[Sequence]) -> list[list[int]]:
         """Draft, verify in one forward and emit for every running sequence; returns new tokens each."""
         t0 = time.perf_counter()
-        trees = [self.drafter.propose(s.index, s.root, s.guesses) for s in seqs]
+        trees = [s.drafter.propose(s.index, s.root, s.guesses) for s in seqs]
         for seq, tree in zip(seqs, trees):
             # Acceptance runs in streaks (copying a list, a quote, a loop): a sequence whose last
             # step accepted drafts is "hot", and its nodes are judged by hot statistics.
@@ -277,6 +319,10 @@ class Engine:
             if len(seq.output) + len(new) >= seq.max_new_tokens:
                 seq.finish_reason = "length"
                 break
+        if seq.logprobs is not None:
+            entries = [seq._root_logprob] + [self._logprob(logits[path[j - 1]], tree.tokens[path[j]], seq.logprobs)
+                                             for j in range(1, len(new))]
+            seq.token_logprobs.extend(entries[:len(new)])
         seq.output.extend(new)
         seq.step_sizes.append(len(new))
         seq.index.extend(new)

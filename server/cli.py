@@ -68,6 +68,29 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import logging
+
+    import uvicorn
+
+    from decoding.config import EngineConfig
+    from decoding.engine import Engine
+    from server.app import ServerSettings, create_app
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    config = EngineConfig(model=args.model, method=args.method, device=args.device, dtype=args.dtype,
+                          threads=args.threads, tree_capacity=args.tree_capacity, adaptive=not args.no_adaptive,
+                          max_context=args.max_context, sampler=args.sampler, max_batch=args.max_running)
+    engine = Engine(config)
+    settings = ServerSettings(model_name=args.served_model_name or engine.loaded.name, max_queue=args.max_queue,
+                              request_timeout=args.request_timeout, max_sessions=args.max_sessions)
+    print(f"[logitspec] serving {settings.model_name} ({engine.device.type}, "
+          f"{str(engine.dtype).replace('torch.', '')}, method {args.method}) on http://{args.host}:{args.port}",
+          file=sys.stderr, flush=True)
+    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from decoding.specbench import DEFAULT_DATA
 
@@ -95,6 +118,18 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--plot", default=None)
     _engine_args(b)
     b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve", help="start the OpenAI-compatible server")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--method", default="logitspec", choices=METHODS, help="default speculation method")
+    s.add_argument("--served-model-name", default=None)
+    s.add_argument("--max-running", type=int, default=8, help="sequences decoded together (KV slots)")
+    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
+    s.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
+    s.add_argument("--max-sessions", type=int, default=256)
+    _engine_args(s)
+    s.set_defaults(func=cmd_serve)
 
     args = parser.parse_args(argv)
     try:

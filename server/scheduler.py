@@ -1,0 +1,211 @@
+"""Continuous batching on an engine thread, with asyncio hand-off to the HTTP handlers.
+
+Each loop: admit waiting requests while KV slots are free, run one prefill chunk (so a long
+prompt never stalls running streams for more than a chunk), then one batched decoding step over
+every running sequence. Tokens go to each request's asyncio queue through the event loop's
+thread-safe callback; a cancelled request (client gone, deadline passed) leaves the batch and
+frees its slot before the next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from decoding.engine import Engine, Sequence
+from decoding.verify import SamplingParams
+from retrieval.suffix_index import SuffixIndex
+from server.detokenizer import IncrementalDetokenizer
+
+log = logging.getLogger("logitspec.scheduler")
+
+
+class QueueFull(Exception):
+    pass
+
+
+@dataclass
+class Delta:
+    text: str
+    tokens: list[int]
+    logprobs: list[tuple[float, list[tuple[int, float]]]]
+
+
+@dataclass
+class Finished:
+    reason: str  # "stop" | "length"
+    completion_tokens: int
+    steps: int
+
+
+@dataclass
+class Failed:
+    message: str
+    status: int = 500
+
+
+@dataclass
+class GenRequest:
+    """One sequence to generate (a request with n choices is n of these)."""
+
+    prompt: list[int]
+    params: SamplingParams
+    max_tokens: int
+    stop: list[str] = field(default_factory=list)
+    logprobs: int | None = None
+    method: str | None = None
+    index: SuffixIndex | None = None
+    deadline: float | None = None  # time.monotonic() limit
+    # set by the scheduler
+    id: int = 0
+    queue: asyncio.Queue | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    cancelled: bool = False
+    seq: Sequence | None = None
+    detok: IncrementalDetokenizer | None = None
+    enqueued_at: float = 0.0
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+class Scheduler:
+    def __init__(self, engine: Engine, max_queue: int = 64):
+        self.engine = engine
+        self.max_queue = max_queue
+        self._waiting: deque[GenRequest] = deque()
+        self._prefilling: list[GenRequest] = []
+        self._running: list[GenRequest] = []
+        self._cv = threading.Condition()
+        self._ids = itertools.count(1)
+        self._stop = False
+        self._thread = threading.Thread(target=self._loop, name="logitspec-engine", daemon=True)
+        self.steps = 0
+
+    # ---- called from the event loop ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+
+    def submit(self, req: GenRequest) -> GenRequest:
+        req.loop = asyncio.get_running_loop()
+        req.queue = asyncio.Queue()
+        req.id = next(self._ids)
+        req.enqueued_at = time.monotonic()
+        with self._cv:
+            if len(self._waiting) >= self.max_queue:
+                raise QueueFull()
+            self._waiting.append(req)
+            self._cv.notify()
+        return req
+
+    @property
+    def counts(self) -> dict[str, int]:
+        return {"waiting": len(self._waiting), "prefilling": len(self._prefilling),
+                "running": len(self._running), "kv_slots_used": self.engine.cache.used_slots}
+
+    # ---- engine thread -------------------------------------------------------------------------------------
+
+    def _publish(self, req: GenRequest, event) -> None:
+        if req.loop is not None and not req.loop.is_closed():
+            req.loop.call_soon_threadsafe(req.queue.put_nowait, event)
+
+    def _release(self, req: GenRequest) -> None:
+        if req.seq is not None:
+            self.engine.stop_sequence(req.seq)
+
+    def _finish(self, req: GenRequest, reason: str) -> None:
+        delta = req.detok.flush() if req.detok and not req.detok.stopped else ""
+        if delta:
+            self._publish(req, Delta(delta, [], []))
+        seq = req.seq
+        self._publish(req, Finished(reason, len(seq.output) if seq else 0, seq.steps if seq else 0))
+        self._release(req)
+
+    def _fail(self, req: GenRequest, message: str, status: int = 500) -> None:
+        self._publish(req, Failed(message, status))
+        self._release(req)
+
+    def _drop_cancelled(self) -> None:
+        now = time.monotonic()
+        for group in (self._prefilling, self._running):
+            for req in list(group):
+                if req.deadline is not None and now > req.deadline and not req.cancelled:
+                    req.cancelled = True
+                    self._publish(req, Failed("the request's deadline passed", 504))
+                if req.cancelled:
+                    group.remove(req)
+                    self._release(req)
+        for req in list(self._waiting):
+            if req.cancelled:
+                self._waiting.remove(req)
+
+    def _admit(self) -> None:
+        engine = self.engine
+        while self._waiting and engine.cache.free_slots > 0:
+            req = self._waiting.popleft()
+            try:
+                req.seq = engine.new_sequence(req.prompt, req.params, req.max_tokens, req.index,
+                                              req.logprobs, req.method)
+            except ValueError as e:
+                self._fail(req, str(e), 400)
+                continue
+            req.detok = IncrementalDetokenizer(engine.tokenizer, req.stop)
+            self._prefilling.append(req)
+
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not (self._waiting or self._prefilling or self._running):
+                    self._cv.wait()
+                if self._stop:
+                    break
+                self._drop_cancelled()
+                self._admit()
+            try:
+                self._iterate()
+            except Exception as e:  # a broken step fails the requests in it, not the server
+                log.exception("engine step failed")
+                for req in self._prefilling + self._running:
+                    self._fail(req, f"internal error: {type(e).__name__}")
+                self._prefilling.clear()
+                self._running.clear()
+        for req in list(self._waiting) + self._prefilling + self._running:
+            self._fail(req, "the server is shutting down", 503)
+
+    def _iterate(self) -> None:
+        if self._prefilling:
+            req = self._prefilling[0]
+            if self.engine.prefill(req.seq, max_chunks=1):
+                self._prefilling.pop(0)
+                if req.seq.finished:
+                    self._finish(req, req.seq.finish_reason)
+                else:
+                    self._running.append(req)
+        running = [r for r in self._running if not r.cancelled]
+        if not running:
+            return
+        emitted = self.engine.step([r.seq for r in running])
+        self.steps += 1
+        for req, tokens in zip(running, emitted):
+            seq = req.seq
+            text = req.detok.push(tokens) if tokens else ""
+            if text or tokens:
+                lps = seq.token_logprobs[len(seq.output) - len(tokens):] if seq.logprobs is not None else []
+                self._publish(req, Delta(text, tokens, lps))
+            if req.detok.stopped:
+                seq.finish_reason = "stop"
+            if seq.finished:
+                self._running.remove(req)
+                self._finish(req, seq.finish_reason)

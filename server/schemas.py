@@ -1,0 +1,177 @@
+"""Request schemas (pydantic) for the OpenAI-compatible endpoints, and their validation rules.
+
+Unknown parameters and OpenAI parameters we do not implement are refused with a 400 that names
+the parameter: a client must never believe a setting took effect when it did not.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+METHODS = ("ar", "pld", "logitspec")
+
+# OpenAI parameters that would change the output but are not implemented: refused unless they
+# carry their neutral value.
+UNSUPPORTED_UNLESS_NEUTRAL: dict[str, Any] = {
+    "frequency_penalty": 0,
+    "presence_penalty": 0,
+    "logit_bias": {},
+    "tools": [],
+    "tool_choice": "none",
+    "functions": [],
+    "function_call": "none",
+    "parallel_tool_calls": None,
+    "best_of": 1,
+    "echo": False,
+    "suffix": None,
+    "audio": None,
+    "prediction": None,
+    "web_search_options": None,
+    "reasoning_effort": None,
+}
+# Accepted and without effect on the output (bookkeeping fields).
+IGNORED = {"metadata", "store", "service_tier", "safety_identifier", "verbosity"}
+
+
+class ParamError(ValueError):
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.param = param
+        self.code = code
+
+
+class Speculative(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    method: Literal["ar", "pld", "logitspec"] | None = None
+    enabled: bool = True
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    include_usage: bool = False
+
+
+class _Common(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    model: str | None = None
+    max_tokens: int | None = Field(default=None, ge=0)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    n: int = Field(default=1, ge=1, le=16)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None
+    prompt_cache_key: str | None = None
+    speculative: Speculative | None = None
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v):
+        if v is None:
+            return []
+        stops = [v] if isinstance(v, str) else v
+        if len(stops) > 4:
+            raise ValueError("at most 4 stop sequences")
+        if any(not s for s in stops):
+            raise ValueError("stop sequences must be non-empty")
+        return stops
+
+    @model_validator(mode="after")
+    def _refuse_unsupported(self):
+        for name, value in (self.model_extra or {}).items():
+            if name in IGNORED:
+                continue
+            if name in UNSUPPORTED_UNLESS_NEUTRAL:
+                if value is None or value == UNSUPPORTED_UNLESS_NEUTRAL[name]:
+                    continue
+                raise ParamError(f"'{name}' is not supported by this server", name, "unsupported_parameter")
+            if name not in self.extra_known():
+                raise ParamError(f"Unrecognized request argument supplied: {name}", name,
+                                 "unrecognized_argument")
+        return self
+
+    def extra_known(self) -> set[str]:
+        return set()
+
+    @property
+    def method(self) -> str | None:
+        if self.speculative is None:
+            return None
+        if not self.speculative.enabled:
+            return "ar"
+        return self.speculative.method
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "user", "assistant", "developer"]
+    content: str | list[dict] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        parts = []
+        for part in self.content:
+            if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                raise ParamError("only text content parts are supported", "messages", "unsupported_content")
+            parts.append(part["text"])
+        return "".join(parts)
+
+
+class ChatCompletionRequest(_Common):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = Field(default=None, ge=0)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    response_format: dict | None = None
+    modalities: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _chat_rules(self):
+        if self.response_format and self.response_format.get("type", "text") != "text":
+            raise ParamError("only response_format {'type': 'text'} is supported", "response_format",
+                             "unsupported_parameter")
+        if self.modalities and self.modalities != ["text"]:
+            raise ParamError("only the text modality is supported", "modalities", "unsupported_parameter")
+        if self.top_logprobs and not self.logprobs:
+            raise ParamError("top_logprobs requires logprobs=true", "top_logprobs")
+        return self
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    @property
+    def logprobs_k(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
+
+
+class CompletionRequest(_Common):
+    prompt: str | list[str]
+    logprobs: int | None = Field(default=None, ge=0, le=5)
+    max_tokens: int | None = Field(default=16, ge=0)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v):
+        prompts = [v] if isinstance(v, str) else v
+        if not prompts:
+            raise ValueError("prompt must not be empty")
+        return prompts
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
