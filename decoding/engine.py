@@ -283,18 +283,18 @@ class Engine:
         return emitted
 
     def _size_trees(self, seqs: list[Sequence], trees: list[DraftTree]) -> list[DraftTree]:
+        """Keep each tree's likeliest nodes: as many as pay for themselves, or up to capacity when
+        cost-aware sizing is off."""
         capacity = self.config.tree_capacity
         limits = [min(capacity, self.cache.max_len - s.past_len) - 1 for s in seqs]
-        if self.cost is None:  # fixed size: the drafter's first nodes up to capacity
-            return [t if len(t) - 1 <= lim else t.subtree(list(range(lim + 1))) for t, lim in zip(trees, limits)]
         ranked, probs = [], []
         for tree in trees:
             ps = self.stats.node_probs(tree)
             order = ranked_nodes(tree, ps)
             ranked.append(order)
             probs.append([ps[i] for i in order])
-        counts = self.cost.choose(probs, limits)
-        return [t if c == len(t) - 1 else t.subtree([0] + order[:c])
+        counts = self.cost.choose(probs, limits) if self.cost is not None else limits
+        return [t if c >= len(t) - 1 else t.subtree([0] + order[:c])
                 for t, order, c in zip(trees, ranked, counts)]
 
     def _accept(self, seq: Sequence, tree: DraftTree, logits: torch.Tensor) -> list[int]:

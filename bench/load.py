@@ -1,0 +1,136 @@
+"""Load benchmark: real HTTP streaming clients against a live logitspec server.
+
+For each concurrency level and with speculation on and off (the request's `speculative`
+extension, same server, same prompts), it prints aggregate tokens/s, time to first token and
+inter-token latency percentiles.
+
+    python bench/load.py                      # starts its own server on the default model
+    python bench/load.py --url http://host:8000 --levels 1,4,8,16 --requests-per-client 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from decoding.specbench import DEFAULT_DATA, read_questions  # noqa: E402
+
+
+def percentile(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    k = (len(xs) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+
+
+async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, speculative: bool) -> dict:
+    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens, "temperature": 0,
+            "stream": True, "stream_options": {"include_usage": True},
+            "speculative": {"enabled": speculative}}
+    t0 = time.perf_counter()
+    first, arrivals, tokens = None, [], 0
+    async with http.stream("POST", "/v1/chat/completions", json=body) as r:
+        r.raise_for_status()
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            data = line[5:].strip()
+            if data == "[DONE]":
+                break
+            chunk = json.loads(data)
+            if chunk.get("usage"):
+                tokens = chunk["usage"]["completion_tokens"]
+            if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):
+                now = time.perf_counter()
+                if first is None:
+                    first = now - t0
+                n = (chunk.get("speculative") or {}).get("step_tokens", 1)
+                arrivals.append((now, n))
+    # inter-token latency: time between content chunks divided by the tokens each chunk carried
+    itl = [(b[0] - a[0]) / max(b[1], 1) for a, b in zip(arrivals, arrivals[1:])]
+    return {"ttft": first or float("nan"), "itl": itl, "tokens": tokens, "seconds": time.perf_counter() - t0}
+
+
+async def run_level(url: str, prompts: list[str], clients: int, per_client: int, max_tokens: int,
+                    speculative: bool) -> dict:
+    async with httpx.AsyncClient(base_url=url, timeout=600) as http:
+        async def client(c: int) -> list[dict]:
+            out = []
+            for i in range(per_client):
+                out.append(await one_request(http, prompts[(c * per_client + i) % len(prompts)], max_tokens,
+                                             speculative))
+            return out
+
+        t0 = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(client(c) for c in range(clients))) for r in rs]
+        wall = time.perf_counter() - t0
+    tokens = sum(r["tokens"] for r in results)
+    ttfts = [r["ttft"] for r in results]
+    itls = [x for r in results for x in r["itl"]]
+    return {"clients": clients, "speculative": speculative, "requests": len(results), "tokens": tokens,
+            "tokens_per_s": tokens / wall, "ttft_p50": percentile(ttfts, 0.5), "ttft_p95": percentile(ttfts, 0.95),
+            "itl_p50": percentile(itls, 0.5), "itl_p95": percentile(itls, 0.95), "wall_s": wall}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default=None, help="an already running server (default: start one)")
+    ap.add_argument("--levels", default="1,4,8,16")
+    ap.add_argument("--requests-per-client", type=int, default=2)
+    ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    prompts = [q["turns"][0] for q in read_questions(DEFAULT_DATA, per_category=3)
+               if len(q["turns"][0]) < 600]
+    server = None
+    url = args.url
+    levels = [int(x) for x in args.levels.split(",")]
+    if url is None:
+        from server_process import ServerProcess
+
+        print("starting a server on the default model ...", file=sys.stderr, flush=True)
+        server = ServerProcess("--max-running", str(max(levels)), "--max-queue", "256", "--max-context", "2048")
+        url = server.url
+    rows = []
+    try:
+        asyncio.run(run_level(url, prompts, 1, 1, 8, True))  # warm-up
+        for clients in levels:
+            for spec in (False, True):
+                row = asyncio.run(run_level(url, prompts, clients, args.requests_per_client, args.max_tokens, spec))
+                rows.append(row)
+                print(f"clients {clients:>3} speculation {'on ' if spec else 'off'}: {row['tokens_per_s']:6.1f} tok/s "
+                      f"aggregate, TTFT p50 {row['ttft_p50'] * 1000:6.0f} ms p95 {row['ttft_p95'] * 1000:6.0f} ms, "
+                      f"ITL p50 {row['itl_p50'] * 1000:5.1f} ms p95 {row['itl_p95'] * 1000:5.1f} ms "
+                      f"({row['requests']} requests, {row['tokens']} tokens)", flush=True)
+    finally:
+        if server:
+            server.stop()
+    by = {(r["clients"], r["speculative"]): r for r in rows}
+    if (1, True) in by and (8, True) in by:
+        print(f"scaling at 8 clients vs 1 (speculation on): {by[(8, True)]['tokens_per_s'] / by[(1, True)]['tokens_per_s']:.2f}x")
+    if (1, False) in by and (8, False) in by:
+        print(f"scaling at 8 clients vs 1 (speculation off): {by[(8, False)]['tokens_per_s'] / by[(1, False)]['tokens_per_s']:.2f}x")
+    for c in levels:
+        if (c, True) in by and (c, False) in by:
+            print(f"speculation on/off at {c} clients: {by[(c, True)]['tokens_per_s'] / by[(c, False)]['tokens_per_s']:.2f}x")
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
