@@ -27,6 +27,7 @@ RANK_EDGES = (1, 2, 4, 8, 16, 32)  # next-next guess rank buckets
 class Drafter(Protocol):
     name: str
     guesses: int  # how many top-k tokens of the last logit the drafter wants (0 = none)
+    lookups: dict[str, list[int]]  # retrieval kind -> [lookups, hits], running totals for metrics
 
     def propose(self, index: SuffixIndex, x0: int, guesses: list[int]) -> DraftTree:
         """A candidate tree rooted at x0, the decided next token (not yet in `index`)."""
@@ -38,6 +39,9 @@ class ArDrafter:
 
     name = "ar"
     guesses = 0
+
+    def __init__(self):
+        self.lookups: dict[str, list[int]] = {}
 
     def propose(self, index: SuffixIndex, x0: int, guesses: list[int]) -> DraftTree:
         return DraftTree.root(x0)
@@ -52,12 +56,15 @@ class PldDrafter:
     def __init__(self, max_ngram: int = 3, max_tokens: int = 10):
         self.max_ngram = max_ngram
         self.max_tokens = max_tokens
+        self.lookups = {"pld": [0, 0]}
 
     def propose(self, index: SuffixIndex, x0: int, guesses: list[int]) -> DraftTree:
         tree = DraftTree.root(x0)
         context = index.tokens[-self.max_ngram:] + [x0]
         match_len, start = index.match(context, self.max_ngram)
+        self.lookups["pld"][0] += 1
         if match_len:
+            self.lookups["pld"][1] += 1
             chain = index.tokens[start:start + self.max_tokens]
             m = _bucket(match_len, MATCH_EDGES)
             tree.add_chain(0, chain, [f"pld:m{m}:{d}" for d in range(1, len(chain) + 1)])
@@ -81,6 +88,7 @@ class LogitSpecDrafter:
         self.next_tokens = next_tokens
         self.next_branches = next_branches
         self.max_match = max_match
+        self.lookups = {"next": [0, 0], **{f"guess:r{r}": [0, 0] for r in range(len(RANK_EDGES) + 1)}}
 
     @staticmethod
     def guess_length(rank: int) -> int:
@@ -91,7 +99,9 @@ class LogitSpecDrafter:
         tokens = index.tokens
         context = tokens[-(self.max_match - 1):] + [x0]
         match_len, _ = index.match(context, self.max_match)
+        self.lookups["next"][0] += 1
         if match_len:
+            self.lookups["next"][1] += 1
             m = _bucket(match_len, MATCH_EDGES)
             branches = index.continuations(context, self.next_tokens, self.next_branches, self.max_match)
             for b, (chain, _count) in enumerate(branches):
@@ -108,7 +118,10 @@ class LogitSpecDrafter:
             node = tree.add(0, t, f"guess:r{r}:1")
             context[-1] = t
             match_len, start = index.match(context, self.max_match)
+            counter = self.lookups[f"guess:r{r}"]
+            counter[0] += 1
             if match_len:
+                counter[1] += 1
                 chain = tokens[start:start + self.guess_length(rank)]
                 m = min(_bucket(match_len, MATCH_EDGES), 2)
                 tree.add_chain(node, chain, [f"guess:r{r}:m{m}:{d}" for d in range(2, len(chain) + 2)])

@@ -46,6 +46,7 @@ class Sequence:
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None
     steps: int = 0
+    last_accepted: int = 0
     step_sizes: list[int] = field(default_factory=list)  # tokens emitted per step
     logprobs: int | None = None  # when set: record each output token's logprob and this many alternatives
     token_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
@@ -58,6 +59,18 @@ class Sequence:
     @property
     def mean_accepted(self) -> float:
         return len(self.output) / self.steps if self.steps else 0.0
+
+
+@dataclass
+class StepRecord:
+    """What the last decoding step did, for metrics."""
+
+    batch: int
+    tree_sizes: list[int]  # nodes per sequence, root included
+    accepted: list[int]  # accepted draft nodes per sequence (bonus/root not counted)
+    emitted: list[int]  # tokens emitted per sequence
+    seconds: float  # wall time of the whole step
+    ar_seconds: float | None  # the cost model's estimate of a plain (one token per sequence) step
 
 
 @dataclass
@@ -106,6 +119,7 @@ class Engine:
         self.drafter = self.drafters[config.method]
         self.stats = AcceptanceStats()
         self.times = StepTimes()
+        self.last_step: StepRecord | None = None
         self.stop_ids = self._stop_ids()
         self.cost = self._calibrate() if config.adaptive and (config.method != "ar" or config.max_batch > 1) else None
 
@@ -280,6 +294,9 @@ class Engine:
         tm.forward += t3 - t2
         tm.verify += t4 - t3
         tm.steps += 1
+        self.last_step = StepRecord(len(seqs), [len(t) for t in trees], [s.last_accepted for s in seqs],
+                                    [len(e) for e in emitted], t4 - t0,
+                                    self.cost.cost(len(seqs)) if self.cost is not None else None)
         return emitted
 
     def _size_trees(self, seqs: list[Sequence], trees: list[DraftTree]) -> list[DraftTree]:
@@ -306,6 +323,7 @@ class Engine:
             path, next_token = verify_sampling(tree, logits, seq.params, seq.generator)
         if len(tree) > 1:
             self.stats.record(tree, path)
+        seq.last_accepted = len(path) - 1
         self.cache.keep(seq.slot, seq.past_len, path)
         seq.past_len += len(path)
         seq.steps += 1

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from decoding.engine import Engine
 from decoding.verify import SamplingParams
 from retrieval.sessions import SessionRegistry
+from server.metrics import Metrics
 from server.scheduler import Delta, Failed, Finished, GenRequest, QueueFull, Scheduler
 from server.schemas import ChatCompletionRequest, CompletionRequest, ParamError
 
@@ -99,7 +100,11 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     tokenizer = engine.tokenizer
     context = engine.cache.max_len
 
+    metrics = Metrics(engine, scheduler, sessions)
+    scheduler.metrics = metrics
+
     app = FastAPI(title="logitspec", version="0.1.0")
+    app.state.metrics = metrics
     app.state.scheduler = scheduler
     app.state.sessions = sessions
     app.state.engine = engine
@@ -302,6 +307,22 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 g.cancel()
             for p in pumps:
                 p.cancel()
+
+    @app.middleware("http")
+    async def _count_requests(request: Request, call_next):
+        response = await call_next(request)
+        path = request.url.path
+        if path.startswith("/v1/"):
+            endpoint = path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models") else "other"
+            metrics.requests.labels(endpoint, str(response.status_code)).inc()
+        return response
+
+    @app.get("/metrics")
+    async def prometheus_metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from starlette.responses import Response
+
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/health")
     async def health():

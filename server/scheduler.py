@@ -69,6 +69,9 @@ class GenRequest:
     seq: Sequence | None = None
     detok: IncrementalDetokenizer | None = None
     enqueued_at: float = 0.0
+    first_token_at: float | None = None
+    ar_time: float = 0.0  # this request's share of plain-decoding time for what it emitted
+    spent_time: float = 0.0  # its share of the steps' actual time
 
     def cancel(self) -> None:
         self.cancelled = True
@@ -86,6 +89,8 @@ class Scheduler:
         self._stop = False
         self._thread = threading.Thread(target=self._loop, name="logitspec-engine", daemon=True)
         self.steps = 0
+        self.drafts = 0  # sequence-steps that verified at least one draft token
+        self.metrics = None  # server.metrics.Metrics, set by the app
 
     # ---- called from the event loop ----------------------------------------------------------------------
 
@@ -130,6 +135,11 @@ class Scheduler:
         if delta:
             self._publish(req, Delta(delta, [], []))
         seq = req.seq
+        if self.metrics is not None:
+            self.metrics.finished.labels(reason).inc()
+            self.metrics.e2e.observe(time.monotonic() - req.enqueued_at)
+            if req.spent_time > 0 and req.ar_time > 0:
+                self.metrics.request_speedup.observe(req.ar_time / req.spent_time)
         self._publish(req, Finished(reason, len(seq.output) if seq else 0, seq.steps if seq else 0))
         self._release(req)
 
@@ -163,6 +173,8 @@ class Scheduler:
                 continue
             req.detok = IncrementalDetokenizer(engine.tokenizer, req.stop)
             self._prefilling.append(req)
+            if self.metrics is not None:
+                self.metrics.queue_time.observe(time.monotonic() - req.enqueued_at)
 
     def _loop(self) -> None:
         while True:
@@ -189,6 +201,8 @@ class Scheduler:
             req = self._prefilling[0]
             if self.engine.prefill(req.seq, max_chunks=1):
                 self._prefilling.pop(0)
+                if self.metrics is not None:
+                    self.metrics.prompt_tokens.inc(len(req.seq.prompt))
                 if req.seq.finished:
                     self._finish(req, req.seq.finish_reason)
                 else:
@@ -198,8 +212,23 @@ class Scheduler:
             return
         emitted = self.engine.step([r.seq for r in running])
         self.steps += 1
+        record = self.engine.last_step
+        self.drafts += sum(size > 1 for size in record.tree_sizes)
+        if self.metrics is not None:
+            self.metrics.observe_step(record)
+        now = time.monotonic()
         for req, tokens in zip(running, emitted):
             seq = req.seq
+            if tokens:
+                if req.first_token_at is None:
+                    req.first_token_at = now
+                    if self.metrics is not None:
+                        self.metrics.ttft.observe(now - req.enqueued_at)
+                elif self.metrics is not None:
+                    self.metrics.itl.observe(record.seconds / len(tokens))
+                req.spent_time += record.seconds / record.batch
+                if record.ar_seconds is not None:
+                    req.ar_time += record.ar_seconds * len(tokens) / record.batch
             text = req.detok.push(tokens) if tokens else ""
             if text or tokens:
                 lps = seq.token_logprobs[len(seq.output) - len(tokens):] if seq.logprobs is not None else []
