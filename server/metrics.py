@@ -65,7 +65,7 @@ class EngineCollector:
                 ("requests_running", "Sequences being decoded.", counts["running"] + counts["prefilling"]),
                 ("requests_waiting", "Sequences waiting for a KV slot.", counts["waiting"]),
                 ("kv_slots_used", "KV cache slots in use.", counts["kv_slots_used"]),
-                ("kv_slots_total", "KV cache slots.", self.engine.cache.num_slots),
+                ("kv_slots", "KV cache slots in all.", self.engine.cache.num_slots),
                 ("sessions", "Session suffix indexes held.", len(self.sessions)),
                 ("session_index_bytes", "Memory held by session suffix indexes (estimate).",
                  self.sessions.memory_bytes())):

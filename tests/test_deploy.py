@@ -76,9 +76,11 @@ def test_every_dashboard_query_returns_data_through_prometheus(server, tmp_path)
                 up = httpx.get(f"{api}/query", params={"query": "up"}).json()
                 if up["data"]["result"] and up["data"]["result"][0]["value"][1] == "1":
                     break
-            except httpx.HTTPError:
+            except (httpx.HTTPError, ValueError, KeyError, IndexError):  # not ready yet: not JSON or no data
                 pass
             time.sleep(0.5)
+        else:
+            raise AssertionError("Prometheus never scraped the server")
         time.sleep(3)
         traffic(server)  # rates need samples on both sides of new traffic
         time.sleep(4)
