@@ -74,19 +74,28 @@ class AcceptanceStats:
 
 
 class CostModel:
-    """Seconds per forward as a function of tokens in it; calibrated, then tracked with an EMA."""
+    """Seconds per forward: a shape in tokens, calibrated once, plus an offset per batch size.
 
-    def __init__(self, calibration: dict[int, float], max_tokens: int, alpha: float = 0.1):
+    The shape f(N) (N tokens of one sequence's tree) comes from start-up timings. What a
+    calibration cannot know, the overhead of B sequences in one forward (attention per sequence,
+    bookkeeping) and the drift of context length, is an offset o(B) learned from every step:
+    cost(N, B) = f(N) + o(B). The shape is never updated piecemeal, so a size observed often can
+    never make its rarely observed neighbours look free.
+    """
+
+    def __init__(self, calibration: dict[int, float], max_tokens: int, max_batch: int = 1, alpha: float = 0.1):
         if not calibration or 1 not in calibration:
             raise ValueError("calibration needs at least the 1-token forward")
         self.max_tokens = max_tokens
         self.alpha = alpha
         points = sorted(calibration.items())
-        self._seconds = [0.0] * (max_tokens + 1)
+        shape, best = [0.0], 0.0
         for n in range(1, max_tokens + 1):
-            self._seconds[n] = self._interpolate(points, n)
-        self._monotone: list[float] = []
-        self._refresh()
+            best = max(best, self._interpolate(points, n))  # a bigger forward never costs less
+            shape.append(best)
+        self._shape = shape
+        self._offset = [0.0] * (max_batch + 1)
+        self._seen = [False] * (max_batch + 1)
 
     @staticmethod
     def _interpolate(points: list[tuple[int, float]], n: int) -> float:
@@ -99,29 +108,27 @@ class CostModel:
                 return lo[1] + w * (hi[1] - lo[1])
             lo = hi
         # Past the last point: extrapolate with the last segment's slope.
-        (n1, t1), (n2, t2) = points[-2] if len(points) > 1 else points[-1], points[-1]
+        (n1, t1), (n2, t2) = (points[-2] if len(points) > 1 else points[-1]), points[-1]
         slope = (t2 - t1) / (n2 - n1) if n2 != n1 else 0.0
         return t2 + slope * (n - n2)
 
-    def _refresh(self) -> None:
-        # A bigger forward never costs less; noise must not make the optimiser think so.
-        best, out = 0.0, [0.0]
-        for t in self._seconds[1:]:
-            best = max(best, t)
-            out.append(best)
-        self._monotone = out
+    def cost(self, n_tokens: int, batch: int = 1) -> float:
+        n = min(max(n_tokens, 1), self.max_tokens)
+        b = min(max(batch, 1), len(self._offset) - 1)
+        return max(self._shape[n] + self._offset[b], 1e-6)
 
-    def cost(self, n_tokens: int) -> float:
-        return self._monotone[min(max(n_tokens, 1), self.max_tokens)]
+    def observe(self, n_tokens: int, seconds: float, batch: int = 1) -> None:
+        b = min(max(batch, 1), len(self._offset) - 1)
+        n = min(max(n_tokens, 1), self.max_tokens)
+        if not self._seen[b]:  # start a new batch size from the nearest one seen
+            seen = [i for i, ok in enumerate(self._seen) if ok]
+            if seen:
+                self._offset[b] = self._offset[min(seen, key=lambda i: abs(i - b))]
+            self._seen[b] = True
+        self._offset[b] += self.alpha * (seconds - self._shape[n] - self._offset[b])
 
-    def observe(self, n_tokens: int, seconds: float) -> None:
-        if 1 <= n_tokens <= self.max_tokens:
-            old = self._seconds[n_tokens]
-            self._seconds[n_tokens] = old + self.alpha * (seconds - old)
-            self._refresh()
-
-    def ratio(self, n_tokens: int) -> float:
-        return self.cost(n_tokens) / self.cost(1)
+    def ratio(self, n_tokens: int, batch: int = 1) -> float:
+        return self.cost(n_tokens, batch) / self.cost(batch, batch)
 
     def choose(self, probs: list[list[float]], limits: list[int]) -> list[int]:
         """How many draft nodes each sequence keeps.
@@ -132,10 +139,10 @@ class CostModel:
         base = len(probs)
         merged = sorted(((p, s) for s, ps in enumerate(probs) for p in ps[:limits[s]]), reverse=True)
         merged = merged[:self.max_tokens - base]
-        gain, best_k, best_rate = 0.0, 0, base / self.cost(base)
+        gain, best_k, best_rate = 0.0, 0, base / self.cost(base, base)
         for k, (p, _) in enumerate(merged, start=1):
             gain += p
-            rate = (base + gain) / self.cost(base + k)
+            rate = (base + gain) / self.cost(base + k, base)
             if rate > best_rate:
                 best_rate, best_k = rate, k
         counts = [0] * base

@@ -64,3 +64,13 @@ def test_child_estimate_capped_by_parent_and_ranking():
     ps = s.node_probs(t)
     assert ps[2] == ps[1] < ps[3]
     assert ranked_nodes(t, ps) == [3, 1, 2]
+
+
+def test_batch_offset_shifts_all_sizes_alike():
+    c = CostModel({1: 1.0, 16: 1.5, 32: 3.0}, max_tokens=64, max_batch=16, alpha=1.0)
+    c.observe(16, 2.5, batch=16)  # 16 sequences cost 1.0 more than one 16-token tree
+    assert c.cost(16, 16) == pytest.approx(2.5)
+    assert c.cost(32, 16) == pytest.approx(4.0)  # the extra tokens keep their calibrated price
+    assert c.cost(16, 1) == pytest.approx(1.5)  # a single sequence is unaffected
+    # so with 16 sequences a candidate is judged by its marginal cost, not by a stale neighbour
+    assert c.choose([[0.05]] * 16, [63] * 16) == [0] * 16
