@@ -53,14 +53,18 @@ def real_loaded():
     return load(None)
 
 
-@pytest.fixture(scope="session")
-def real_engines(real_loaded):
-    """ar, pld and logitspec engines sharing one copy of the real model's weights."""
+def engines_for(loaded, **config):
+    """ar, pld and logitspec engines sharing one copy of the model's weights."""
     from decoding.config import EngineConfig
     from decoding.engine import Engine
 
     engines, model = {}, None
     for method in ("ar", "pld", "logitspec"):
-        engines[method] = Engine(EngineConfig(method=method, max_context=2048), loaded=real_loaded, model=model)
+        engines[method] = Engine(EngineConfig(method=method, **config), loaded=loaded, model=model)
         model = engines[method].model
     return engines
+
+
+@pytest.fixture(scope="session")
+def real_engines(real_loaded):
+    return engines_for(real_loaded, max_context=2048)

@@ -5,17 +5,14 @@ import pytest
 from decoding.config import EngineConfig
 from decoding.engine import Engine
 from decoding.verify import SamplingParams
+from conftest import engines_for
 
 PROMPT = [2, 10, 11, 12, 13, 10, 11, 12, 13, 10, 11, 12, 13, 10, 11]
 
 
 @pytest.fixture(scope="module")
 def engines(tiny_loaded):
-    out, model = {}, None
-    for method in ("ar", "pld", "logitspec"):
-        out[method] = Engine(EngineConfig(method=method, max_context=256), loaded=tiny_loaded, model=model)
-        model = out[method].model
-    return out
+    return engines_for(tiny_loaded, max_context=256)
 
 
 def test_greedy_speculative_equals_ar(engines):
