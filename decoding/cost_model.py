@@ -127,9 +127,6 @@ class CostModel:
             self._seen[b] = True
         self._offset[b] += self.alpha * (seconds - self._shape[n] - self._offset[b])
 
-    def ratio(self, n_tokens: int, batch: int = 1) -> float:
-        return self.cost(n_tokens, batch) / self.cost(batch, batch)
-
     def choose(self, probs: list[list[float]], limits: list[int]) -> list[int]:
         """How many draft nodes each sequence keeps.
 

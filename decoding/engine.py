@@ -8,7 +8,6 @@ the cost model. It is synchronous and single-threaded; the server runs it on its
 
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 
@@ -366,7 +365,3 @@ class Engine:
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
-
-
-def default_threads() -> int:
-    return len(os.sched_getaffinity(0))

@@ -23,7 +23,6 @@ class SessionRegistry:
         self.max_bytes = max_bytes
         self._sessions: OrderedDict[str, SuffixIndex] = OrderedDict()
         self._lock = threading.Lock()
-        self.evictions = 0
 
     def get(self, key: str) -> SuffixIndex:
         """The session's index, created empty on first use; marks it most recently used."""
@@ -37,27 +36,19 @@ class SessionRegistry:
             return index
 
     def _evict(self, keep: str) -> None:
-        while len(self._sessions) > self.max_sessions or (
-                len(self._sessions) > 1 and self._memory() > self.max_bytes):
+        # Sizes are measured once per call, not once per eviction: measuring walks every index.
+        memory = self._memory()
+        while len(self._sessions) > self.max_sessions or (len(self._sessions) > 1 and memory > self.max_bytes):
             oldest = next(iter(self._sessions))
             if oldest == keep:
                 break
-            del self._sessions[oldest]
-            self.evictions += 1
-
-    def trim(self) -> None:
-        """Re-apply the memory bound after indexes have grown."""
-        with self._lock:
-            self._evict(keep=next(reversed(self._sessions), ""))
+            memory -= self._sessions.pop(oldest).memory_bytes()
 
     def _memory(self) -> int:
         return sum(ix.memory_bytes() for ix in self._sessions.values())
 
     def __len__(self) -> int:
         return len(self._sessions)
-
-    def __contains__(self, key: str) -> bool:
-        return key in self._sessions
 
     def memory_bytes(self) -> int:
         with self._lock:

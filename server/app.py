@@ -50,18 +50,19 @@ def error_response(status: int, message: str, param=None, code=None, headers=Non
     return JSONResponse(error_body(status, message, param, code), status_code=status, headers=headers)
 
 
-def _validation_error(exc: ValidationError | RequestValidationError) -> JSONResponse:
+def _validation_details(exc: ValidationError | RequestValidationError) -> tuple[str, str | None, str]:
+    """(message, param, code) of a pydantic validation failure, for an OpenAI-shaped 400."""
     errors = exc.errors()
     first = errors[0] if errors else {}
     cause = (first.get("ctx") or {}).get("error")
     if isinstance(cause, ParamError):
-        return error_response(400, str(cause), cause.param, cause.code)
+        return str(cause), cause.param, cause.code
+    if first.get("type") == "json_invalid":
+        return "the request body is not valid JSON", None, "invalid_json"
     loc = [str(x) for x in first.get("loc", ()) if x != "body"]
     param = ".".join(loc) or None
-    if first.get("type") == "json_invalid":
-        return error_response(400, "the request body is not valid JSON", None, "invalid_json")
     msg = first.get("msg", "invalid request")
-    return error_response(400, f"{param}: {msg}" if param else msg, param, "invalid_value")
+    return (f"{param}: {msg}" if param else msg), param, "invalid_value"
 
 
 @dataclass
@@ -123,7 +124,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _req_validation(_, exc):
-        return _validation_error(exc)
+        return error_response(400, *_validation_details(exc))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(_, exc: StarletteHTTPException):
@@ -145,9 +146,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         try:
             return schema.model_validate(data)
         except ValidationError as e:
-            resp = _validation_error(e)
-            body = json.loads(resp.body)["error"]
-            raise APIError(400, body["message"], body["param"], body["code"])
+            raise APIError(400, *_validation_details(e))
 
     def check_model(name: str | None) -> None:
         if name is not None and name != settings.model_name:
