@@ -4,11 +4,13 @@ Counters that the engine already keeps as running totals (drafts, draft and acce
 acceptance per position, retrieval lookups) are read at scrape time by a collector, so the hot path
 pays nothing for them. Per-step and per-request distributions are observed by the scheduler.
 
-Speedup, defined: for every decoding step, the time plain decoding would have needed for the
-tokens that step emitted (the engine's measured cost of a one-token-per-sequence forward at that
-batch size, times tokens emitted / sequences) divided by the time the step took. The gauge is
-that ratio over the last steps (exponentially weighted); the histogram has one value per request
-(its share of each step it was in). Above 1, speculation pays on this hardware.
+Speedup, defined: the time plain decoding would have needed for the tokens emitted (per step,
+the engine's measured cost of a one-token-per-sequence forward at that batch size, times tokens
+emitted / sequences) divided by the time the decoding steps took. Two counters carry both sums
+(`..._baseline_seconds_total`, `..._step_seconds_total`), so the speedup over any window is
+`rate(baseline) / rate(step)`; the gauge is that ratio over the last SPEEDUP_WINDOW seconds of
+decoding; the histogram has one value per request (its share of each step it was in). Above 1,
+speculation pays on this hardware. Prefill is not decoding and counts in neither sum.
 
 Labels are bounded: endpoint, status code, finish reason, position (<= tree depth cap), retrieval
 kind; never a request or a session.
@@ -16,11 +18,14 @@ kind; never a request or a session.
 
 from __future__ import annotations
 
+from collections import deque
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
 PREFIX = "logitspec"
 MAX_POSITION = 32  # accepted-per-position label values stop here
+SPEEDUP_WINDOW = 60.0  # seconds of decoding steps the speedup gauge covers
 
 
 class EngineCollector:
@@ -77,7 +82,8 @@ class EngineCollector:
 class Metrics:
     def __init__(self, engine, scheduler, sessions):
         self.registry = r = CollectorRegistry()
-        r.register(EngineCollector(engine, scheduler, sessions))
+        self.engine_collector = EngineCollector(engine, scheduler, sessions)
+        r.register(self.engine_collector)
         latency = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
         self.acceptance_length = Histogram(
             f"{PREFIX}_spec_decode_acceptance_length", "Tokens emitted per sequence per decoding step "
@@ -88,7 +94,12 @@ class Metrics:
                                    buckets=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), registry=r)
         self.speedup = Gauge(f"{PREFIX}_spec_decode_speedup", "Speedup over plain decoding on this hardware and "
                              "batch size: the time plain decoding would need for the tokens emitted, over the time "
-                             "taken (recent steps, exponentially weighted).", registry=r)
+                             "taken (decoding steps of the last 60 s).", registry=r)
+        self.baseline_seconds = Counter(f"{PREFIX}_spec_decode_baseline_seconds", "Time plain decoding would have "
+                                        "needed for the tokens emitted (the engine's measured one-token-per-sequence "
+                                        "step cost at the batch size).", registry=r)
+        self.step_seconds = Counter(f"{PREFIX}_spec_decode_step_seconds", "Time the decoding steps took.",
+                                    registry=r)
         self.request_speedup = Histogram(f"{PREFIX}_spec_decode_request_speedup", "Speedup over plain decoding, "
                                          "one value per finished request.",
                                          buckets=(0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2, 3, 4, 6, 10), registry=r)
@@ -108,10 +119,11 @@ class Metrics:
                                 ["endpoint", "status"], registry=r)
         self.finished = Counter(f"{PREFIX}_request_finished", "Finished sequences by finish reason.",
                                 ["finish_reason"], registry=r)
+        self._window: deque[tuple[float, float, float]] = deque()  # (step end, baseline s, step s)
         self._num = self._den = 0.0
 
-    def observe_step(self, record) -> None:
-        """One engine step (engine thread)."""
+    def observe_step(self, record, now: float) -> None:
+        """One engine step (engine thread) that ended at `now` (time.monotonic())."""
         for size, emitted in zip(record.tree_sizes, record.emitted):
             self.tree_size.observe(size)
             if emitted:
@@ -119,7 +131,14 @@ class Metrics:
         self.generation_tokens.inc(sum(record.emitted))
         if record.ar_seconds is not None and record.seconds > 0:
             ar_time = record.ar_seconds * sum(record.emitted) / record.batch
-            decay = 0.98
-            self._num = self._num * decay + ar_time
-            self._den = self._den * decay + record.seconds
-            self.speedup.set(self._num / self._den)
+            self.baseline_seconds.inc(ar_time)
+            self.step_seconds.inc(record.seconds)
+            self._window.append((now, ar_time, record.seconds))
+            self._num += ar_time
+            self._den += record.seconds
+            while self._window[0][0] < now - SPEEDUP_WINDOW:
+                _, a, b = self._window.popleft()
+                self._num -= a
+                self._den -= b
+            if self._den > 0:
+                self.speedup.set(self._num / self._den)

@@ -29,6 +29,10 @@ class QueueFull(Exception):
     pass
 
 
+class ShuttingDown(Exception):
+    pass
+
+
 @dataclass
 class Delta:
     text: str
@@ -101,7 +105,8 @@ class Scheduler:
         with self._cv:
             self._stop = True
             self._cv.notify_all()
-        self._thread.join(timeout)
+        if self._thread.is_alive():  # idempotent: draining stops it before the app's shutdown does
+            self._thread.join(timeout)
 
     def submit(self, req: GenRequest) -> GenRequest:
         req.loop = asyncio.get_running_loop()
@@ -109,11 +114,17 @@ class Scheduler:
         req.id = next(self._ids)
         req.enqueued_at = time.monotonic()
         with self._cv:
+            if self._stop:
+                raise ShuttingDown()
             if len(self._waiting) >= self.max_queue:
                 raise QueueFull()
             self._waiting.append(req)
             self._cv.notify()
         return req
+
+    @property
+    def idle(self) -> bool:
+        return not (self._waiting or self._prefilling or self._running)
 
     @property
     def counts(self) -> dict[str, int]:
@@ -171,6 +182,10 @@ class Scheduler:
             except ValueError as e:
                 self._fail(req, str(e), 400)
                 continue
+            except Exception as e:  # this request alone fails; the loop must survive it
+                log.exception("could not start request %d", req.id)
+                self._fail(req, f"generation failed: {type(e).__name__}")
+                continue
             req.detok = IncrementalDetokenizer(engine.tokenizer, req.stop)
             self._prefilling.append(req)
             if self.metrics is not None:
@@ -187,7 +202,7 @@ class Scheduler:
                 self._admit()
             try:
                 self._iterate()
-            except Exception as e:  # a broken step fails the requests in it, not the server
+            except Exception as e:  # last resort: the engine isolates a sequence's faults itself
                 log.exception("engine step failed")
                 for req in self._prefilling + self._running:
                     self._fail(req, f"internal error: {type(e).__name__}")
@@ -199,7 +214,14 @@ class Scheduler:
     def _iterate(self) -> None:
         if self._prefilling:
             req = self._prefilling[0]
-            if self.engine.prefill(req.seq, max_chunks=1):
+            try:
+                ready = self.engine.prefill(req.seq, max_chunks=1)
+            except Exception as e:  # this prompt alone fails
+                log.exception("prefill failed for request %d", req.id)
+                self._prefilling.pop(0)
+                self._fail(req, f"generation failed: {type(e).__name__}")
+                ready = False
+            if ready:
                 self._prefilling.pop(0)
                 if self.metrics is not None:
                     self.metrics.prompt_tokens.inc(len(req.seq.prompt))
@@ -214,11 +236,15 @@ class Scheduler:
         self.steps += 1
         record = self.engine.last_step
         self.drafts += sum(size > 1 for size in record.tree_sizes)
-        if self.metrics is not None:
-            self.metrics.observe_step(record)
         now = time.monotonic()
+        if self.metrics is not None:
+            self.metrics.observe_step(record, now)
         for req, tokens in zip(running, emitted):
             seq = req.seq
+            if seq.error is not None:  # this sequence alone failed; the batch went on
+                self._running.remove(req)
+                self._fail(req, f"generation failed: {seq.error}")
+                continue
             if tokens:
                 if req.first_token_at is None:
                     req.first_token_at = now

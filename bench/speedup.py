@@ -1,0 +1,157 @@
+"""Does the server's speedup metric tell the truth? Its figures against a stopwatch, same workload.
+
+For each concurrency level, the same greedy requests run twice through a live server: once with
+speculation on, once off (the request's `speculative` extension). The measured speedup is the
+ratio of the two phases' generated tokens per second of wall time, as a client sees it. Against
+it, what the server reported for the "on" phase, read from /metrics:
+
+- the gauge `logitspec_spec_decode_speedup` at the end of the phase (its last 60 s of decoding),
+- the counters: increase of `..._baseline_seconds_total` over increase of `..._step_seconds_total`,
+- the per-request histogram's mean over the phase (`..._request_speedup` sum / count).
+
+The server's figures cover decoding steps only; the stopwatch also sees prefill and HTTP, which
+cost the same in both phases and so pull the measured ratio slightly toward 1.
+
+    python bench/speedup.py                          # starts its own server on the default model
+    python bench/speedup.py --levels 1,8 --max-tokens 256 --json out/speedup.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "tests"))
+
+from decoding.specbench import DEFAULT_DATA, read_questions  # noqa: E402
+
+# The first question of each of these Spec-Bench categories, as in bench/hf_baseline.py.
+CATEGORIES = ("writing", "coding", "math_reasoning", "summarization", "rag", "translation", "qa", "extraction")
+
+
+def prompts() -> list[str]:
+    first = {}
+    for q in read_questions(DEFAULT_DATA):
+        first.setdefault(q["category"], q["turns"][0])
+    return [first[c] for c in CATEGORIES]
+
+
+def scrape(http: httpx.Client) -> dict[str, float]:
+    wanted = {"logitspec_spec_decode_speedup", "logitspec_spec_decode_baseline_seconds_total",
+              "logitspec_spec_decode_step_seconds_total", "logitspec_spec_decode_request_speedup_sum",
+              "logitspec_spec_decode_request_speedup_count"}
+    out = {}
+    for family in text_string_to_metric_families(http.get("/metrics").text):
+        for s in family.samples:
+            if s.name in wanted:
+                out[s.name] = s.value
+    return out
+
+
+async def phase(url: str, texts: list[str], clients: int, max_tokens: int, speculative: bool) -> dict:
+    """Every prompt once, `clients` at a time; returns answers, tokens and wall seconds."""
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(len(texts)):
+        queue.put_nowait(i)
+    answers: dict[int, str] = {}
+    tokens = 0
+
+    async def client(http: httpx.AsyncClient) -> None:
+        nonlocal tokens
+        while not queue.empty():
+            i = queue.get_nowait()
+            r = await http.post("/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": texts[i]}], "max_tokens": max_tokens, "temperature": 0,
+                "speculative": {"enabled": speculative}})
+            r.raise_for_status()
+            body = r.json()
+            answers[i] = body["choices"][0]["message"]["content"]
+            tokens += body["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(base_url=url, timeout=900) as http:
+        t0 = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(clients)))
+        wall = time.perf_counter() - t0
+    return {"answers": [answers[i] for i in range(len(texts))], "tokens": tokens, "seconds": wall}
+
+
+def level(url: str, texts: list[str], clients: int, max_tokens: int) -> dict:
+    http = httpx.Client(base_url=url, timeout=30)
+    before = scrape(http)
+    on = asyncio.run(phase(url, texts, clients, max_tokens, True))
+    after = scrape(http)
+    off = asyncio.run(phase(url, texts, clients, max_tokens, False))
+    off_metrics = scrape(http)
+
+    def delta(name, a=before, b=after):
+        return b.get(name, 0.0) - a.get(name, 0.0)
+
+    measured = (on["tokens"] / on["seconds"]) / (off["tokens"] / off["seconds"])
+    gauge = after["logitspec_spec_decode_speedup"]
+    counters = delta("logitspec_spec_decode_baseline_seconds_total") / delta("logitspec_spec_decode_step_seconds_total")
+    per_request = delta("logitspec_spec_decode_request_speedup_sum") / delta("logitspec_spec_decode_request_speedup_count")
+    # With speculation off every step is a plain one, so the server should report about 1 there.
+    off_counters = (delta("logitspec_spec_decode_baseline_seconds_total", after, off_metrics)
+                    / delta("logitspec_spec_decode_step_seconds_total", after, off_metrics))
+    return {"clients": clients, "requests": len(texts), "max_tokens": max_tokens,
+            "on_tokens": on["tokens"], "on_seconds": on["seconds"], "off_tokens": off["tokens"],
+            "off_seconds": off["seconds"], "identical_answers": on["answers"] == off["answers"],
+            "measured_speedup": measured, "gauge": gauge, "counters": counters, "per_request_mean": per_request,
+            "off_phase_counters": off_counters,
+            "on_step_seconds": delta("logitspec_spec_decode_step_seconds_total"),
+            "on_baseline_seconds": delta("logitspec_spec_decode_baseline_seconds_total"),
+            "off_step_seconds": delta("logitspec_spec_decode_step_seconds_total", after, off_metrics),
+            "off_baseline_seconds": delta("logitspec_spec_decode_baseline_seconds_total", after, off_metrics),
+            "gauge_vs_measured": gauge / measured - 1, "counters_vs_measured": counters / measured - 1}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--url", default=None, help="an already running server (default: start one)")
+    ap.add_argument("--levels", default="1,8", help="concurrent clients, comma-separated")
+    ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    levels = [int(x) for x in args.levels.split(",")]
+    texts = prompts()
+    server, url = None, args.url
+    if url is None:
+        from server_process import ServerProcess
+
+        print("starting a server on the default model ...", file=sys.stderr, flush=True)
+        server = ServerProcess("--max-running", str(max(levels)), "--max-context", "2048")
+        url = server.url
+    rows = []
+    try:
+        asyncio.run(phase(url, texts[:1], 1, 8, True))  # warm-up
+        for clients in levels:
+            print(f"{clients} client(s): {len(texts)} requests with speculation on, then off ...", file=sys.stderr,
+                  flush=True)
+            row = level(url, texts, clients, args.max_tokens)
+            rows.append(row)
+            print(f"clients {clients:>2}: measured {row['measured_speedup']:.2f}x "
+                  f"({row['on_tokens'] / row['on_seconds']:.1f} vs {row['off_tokens'] / row['off_seconds']:.1f} tok/s); "
+                  f"server: gauge {row['gauge']:.2f}x ({row['gauge_vs_measured']:+.1%}), "
+                  f"counters {row['counters']:.2f}x ({row['counters_vs_measured']:+.1%}), "
+                  f"per-request mean {row['per_request_mean']:.2f}x; "
+                  f"off phase as the server saw it {row['off_phase_counters']:.2f}x; "
+                  f"answers identical on/off: {row['identical_answers']}", flush=True)
+    finally:
+        if server:
+            server.stop()
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
