@@ -4,11 +4,19 @@
 
 The engine owns the model, the KV cache, one drafter (chosen once), the acceptance statistics and
 the cost model. It is synchronous and single-threaded; the server runs it on its own thread.
+
+Faults stay with the sequence that has them: a drafter or verifier exception, or non-finite logits
+on the path a sequence would accept, fail that sequence alone (`seq.error`); a batched forward
+that raises is retried one sequence at a time to find the culprit; an out-of-memory forward halves
+the batch per forward (then the tree) and retries instead of failing anyone.
 """
 
 from __future__ import annotations
 
+import logging
 import time
+import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +32,12 @@ from decoding.verify import (SamplingParams, coupled_sample, make_generator, pro
 from retrieval.suffix_index import SuffixIndex
 
 CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+
+logger = logging.getLogger("logitspec.engine")
+
+
+class NonFiniteLogits(RuntimeError):
+    pass
 
 
 @dataclass
@@ -43,7 +57,8 @@ class Sequence:
     root: int = -1  # the decided next token, not yet in the cache
     guesses: list[int] = field(default_factory=list)  # top-k of the last logit, for LogitSpec
     output: list[int] = field(default_factory=list)
-    finish_reason: str | None = None
+    finish_reason: str | None = None  # "stop" | "length" | "error"
+    error: str | None = None  # why this sequence failed (finish_reason "error")
     steps: int = 0
     last_accepted: int = 0
     step_sizes: list[int] = field(default_factory=list)  # tokens emitted per step
@@ -118,8 +133,18 @@ class Engine:
         self.drafter = self.drafters[config.method]
         self.stats = AcceptanceStats()
         self.times = StepTimes()
+        self._forwards = 0  # verification forwards run, to tell a clean step from a retried one
         self.last_step: StepRecord | None = None
         self.stop_ids = self._stop_ids()
+        # Working limits: start at the configuration, halved when a forward runs out of memory.
+        self.batch_limit = config.max_batch  # sequences per verification forward
+        self.tree_capacity = config.tree_capacity
+        self.prefill_chunk = config.prefill_chunk
+        # Test-only fault injection: after every prefill and verification forward, called as
+        # fault_hook(seq, rows) for each sequence in it with its logits rows; it may raise (the
+        # forward failed) or write into rows. Set from Python only: no flag, environment variable
+        # or route reaches it.
+        self.fault_hook: Callable[[Sequence, torch.Tensor], None] | None = None
         self.cost = self._calibrate() if config.adaptive and (config.method != "ar" or config.max_batch > 1) else None
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -169,6 +194,20 @@ class Engine:
             rows = ends.to(self.device)
         return self.model.forward(tokens.to(self.device), positions.to(self.device), batch, self.cache, rows)
 
+    def _run(self, seqs: list[Sequence], tokens: torch.Tensor, positions: torch.Tensor,
+             batch: list[SeqBatchEntry], last_only: bool = False) -> torch.Tensor:
+        """A serving forward (prefill or verification), where injected faults land."""
+        logits = self._forward(tokens, positions, batch, last_only)
+        if self.fault_hook is not None:
+            with torch.inference_mode():  # the forward's tensors are inference tensors
+                for seq, rows in zip(seqs, logits.split([1 if last_only else e.n for e in batch])):
+                    self.fault_hook(seq, rows)
+        return logits
+
+    def _free_memory(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     # ---- sequence lifecycle ----------------------------------------------------------------------
 
     def new_sequence(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
@@ -193,17 +232,27 @@ class Engine:
     def prefill(self, seq: Sequence, max_chunks: int | None = None) -> bool:
         """Run up to `max_chunks` prompt chunks (all when None); True once the first token is decided."""
         t0 = time.perf_counter()
-        chunk, done = self.config.prefill_chunk, 0
+        done = 0
         while seq.past_len < len(seq.prompt) and (max_chunks is None or done < max_chunks):
             start = seq.past_len
-            part = seq.prompt[start:start + chunk]
-            logits = self._forward(torch.tensor(part), torch.arange(start, start + len(part)),
+            part = seq.prompt[start:start + self.prefill_chunk]
+            try:
+                logits = self._run([seq], torch.tensor(part), torch.arange(start, start + len(part)),
                                    [SeqBatchEntry(seq.slot, start, len(part), None)], last_only=True)
+            except torch.OutOfMemoryError:
+                if self.prefill_chunk == 1:
+                    raise
+                self._free_memory()
+                self.prefill_chunk = max(1, self.prefill_chunk // 2)
+                logger.warning("out of memory in prefill: chunk halved to %d tokens", self.prefill_chunk)
+                continue
             seq.past_len += len(part)
             done += 1
         self.times.prefill += time.perf_counter() - t0
         if seq.past_len < len(seq.prompt):
             return False
+        if not torch.isfinite(logits[0]).all():
+            raise NonFiniteLogits("non-finite logits after the prompt")
         if seq.max_new_tokens <= 0:
             seq.finish_reason = "length"
         else:
@@ -261,46 +310,116 @@ class Engine:
     # ---- one decoding step over a batch ----------------------------------------------------------------
 
     def step(self, seqs: list[Sequence]) -> list[list[int]]:
-        """Draft, verify in one forward and emit for every running sequence; returns new tokens each."""
+        """Draft, verify in one forward and emit for every running sequence; returns new tokens each.
+
+        A sequence that fails (see the module docstring) emits nothing and has `error` set."""
         t0 = time.perf_counter()
-        trees = [s.drafter.propose(s.index, s.root, s.guesses) for s in seqs]
-        for seq, tree in zip(seqs, trees):
+        trees: list[DraftTree | None] = []
+        for seq in seqs:
+            try:
+                tree = seq.drafter.propose(seq.index, seq.root, seq.guesses)
+            except Exception as e:
+                self._fault(seq, e)
+                trees.append(None)
+                continue
             # Acceptance runs in streaks (copying a list, a quote, a loop): a sequence whose last
             # step accepted drafts is "hot", and its nodes are judged by hot statistics.
             if seq.step_sizes and seq.step_sizes[-1] > 1:
                 tree.kinds = [k and "h." + k for k in tree.kinds]
-        trees = self._size_trees(seqs, trees)
+            trees.append(tree)
+        live = [s for s, t in zip(seqs, trees) if t is not None]
+        sized = self._size_trees(live, [t for t in trees if t is not None]) if live else []
         t1 = time.perf_counter()
+        mask_before, forwards_before = self.times.mask, self._forwards
+        verified = self._forward_trees(live, sized)  # (tree as verified, its logits rows or None)
+        t3 = time.perf_counter()
+        emitted: dict[int, list[int]] = {}
+        for seq, (tree, rows) in zip(live, verified):
+            if rows is None:
+                continue
+            try:
+                emitted[id(seq)] = self._accept(seq, tree, rows)
+            except Exception as e:
+                self._fault(seq, e)
+        t4 = time.perf_counter()
+        done = [(s, t) for s, (t, _) in zip(live, verified) if id(s) in emitted]
+        tokens = sum(len(t) for t, _ in verified)
+        if self.cost is not None and self._forwards == forwards_before + 1 and len(done) == len(seqs):
+            self.cost.observe(tokens, t4 - t1 - (self.times.mask - mask_before), len(seqs))  # one clean forward
+        tm = self.times
+        tm.draft += t1 - t0
+        tm.forward += t3 - t1 - (tm.mask - mask_before)
+        tm.verify += t4 - t3
+        tm.steps += 1
+        self.last_step = StepRecord(len(seqs), [len(t) for _, t in done], [s.last_accepted for s, _ in done],
+                                    [len(emitted[id(s)]) for s, _ in done], t4 - t0,
+                                    self.cost.cost(len(seqs), len(seqs)) if self.cost is not None else None)
+        return [emitted.get(id(s), []) for s in seqs]
+
+    def _forward_trees(self, seqs: list[Sequence],
+                       trees: list[DraftTree]) -> list[tuple[DraftTree, torch.Tensor | None]]:
+        """Verification forwards of at most `batch_limit` sequences each. Per sequence: its tree (cut
+        down if memory ran out) and its logits rows [len(tree), vocab], None if it failed alone."""
+        out, i = [], 0
+        while i < len(seqs):
+            n = self.batch_limit
+            out += self._forward_chunk(seqs[i:i + n], trees[i:i + n])
+            i += n
+        return out
+
+    def _forward_chunk(self, seqs: list[Sequence],
+                       trees: list[DraftTree]) -> list[tuple[DraftTree, torch.Tensor | None]]:
+        t0 = time.perf_counter()
         masks = [t.attention_mask() for t in trees]
         tokens = torch.tensor([tok for t in trees for tok in t.tokens])
         positions = torch.tensor([s.past_len + d for s, t in zip(seqs, trees) for d in t.depths])
         batch = [SeqBatchEntry(s.slot, s.past_len, len(t), m) for s, t, m in zip(seqs, trees, masks)]
-        t2 = time.perf_counter()
-        logits = self._forward(tokens, positions, batch)  # [total tokens, vocab]
-        t3 = time.perf_counter()
-        emitted, start = [], 0
-        for seq, tree in zip(seqs, trees):
-            rows = logits[start:start + len(tree)]
+        self.times.mask += time.perf_counter() - t0
+        self._forwards += 1
+        try:
+            logits = self._run(seqs, tokens, positions, batch)  # [total tokens, vocab]
+        except torch.OutOfMemoryError:
+            self._free_memory()
+            if len(seqs) > 1:
+                self.batch_limit = max(1, len(seqs) // 2)
+                logger.warning("out of memory in a forward of %d sequences: at most %d per forward from now",
+                               len(seqs), self.batch_limit)
+                return self._forward_trees(seqs, trees)
+            if len(trees[0]) > 1:
+                # Parents precede children, so the first k nodes are a tree.
+                self.tree_capacity = max(1, len(trees[0]) // 2)
+                logger.warning("out of memory in a forward of %d tokens: trees capped at %d nodes from now",
+                               len(trees[0]), self.tree_capacity)
+                return self._forward_chunk(seqs, [trees[0].subtree(list(range(self.tree_capacity)))])
+            self._fault(seqs[0], "out of memory")
+            return [(trees[0], None)]
+        except Exception as e:
+            if len(seqs) == 1:
+                self._fault(seqs[0], e)
+                return [(trees[0], None)]
+            logger.warning("a forward of %d sequences failed (%s): retrying them one at a time",
+                           len(seqs), type(e).__name__)
+            return [r for s, t in zip(seqs, trees) for r in self._forward_chunk([s], [t])]
+        out, start = [], 0
+        for tree in trees:
+            out.append((tree, logits[start:start + len(tree)]))
             start += len(tree)
-            emitted.append(self._accept(seq, tree, rows))
-        t4 = time.perf_counter()
-        if self.cost is not None:
-            self.cost.observe(len(tokens), t4 - t2, len(seqs))
-        tm = self.times
-        tm.draft += t1 - t0
-        tm.mask += t2 - t1
-        tm.forward += t3 - t2
-        tm.verify += t4 - t3
-        tm.steps += 1
-        self.last_step = StepRecord(len(seqs), [len(t) for t in trees], [s.last_accepted for s in seqs],
-                                    [len(e) for e in emitted], t4 - t0,
-                                    self.cost.cost(len(seqs), len(seqs)) if self.cost is not None else None)
-        return emitted
+        return out
+
+    def _fault(self, seq: Sequence, cause: Exception | str) -> None:
+        """Fail this sequence alone; the caller releases its slot."""
+        if isinstance(cause, Exception):
+            # Logged as text: a log record holding the exception would keep the failed forward's
+            # frames, and with them every sequence of its batch, alive for as long as it is kept.
+            logger.error("sequence failed: %s", "".join(traceback.format_exception(cause)).rstrip())
+            cause = "non-finite logits" if isinstance(cause, NonFiniteLogits) else type(cause).__name__
+        seq.error = cause
+        seq.finish_reason = "error"
 
     def _size_trees(self, seqs: list[Sequence], trees: list[DraftTree]) -> list[DraftTree]:
         """Keep each tree's likeliest nodes: as many as pay for themselves, or up to capacity when
         cost-aware sizing is off."""
-        capacity = self.config.tree_capacity
+        capacity = self.tree_capacity
         limits = [min(capacity, self.cache.max_len - s.past_len) - 1 for s in seqs]
         ranked, probs = [], []
         for tree in trees:
@@ -319,6 +438,8 @@ class Engine:
             path, next_token = verify_coupled(tree, logits, seq.params, seq.seed, seq.past_len)
         else:
             path, next_token = verify_sampling(tree, logits, seq.params, seq.generator)
+        if not torch.isfinite(logits[path]).all():  # the rows this step's tokens came from
+            raise NonFiniteLogits("non-finite logits")
         if len(tree) > 1:
             self.stats.record(tree, path)
         seq.last_accepted = len(path) - 1
@@ -358,6 +479,8 @@ class Engine:
                 self.step([seq])
         finally:
             self.stop_sequence(seq)
+        if seq.error is not None:
+            raise RuntimeError(f"generation failed: {seq.error}")
         return seq
 
     def chat_prompt(self, turns: list[dict]) -> list[int]:

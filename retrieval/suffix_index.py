@@ -23,6 +23,7 @@ class SuffixIndex:
         "_children",
         "_child_idx",
         "_last",
+        "__weakref__",  # the server counts live request-scoped indexes through weak references
     )
 
     def __init__(self, tokens: Iterable[int] = ()) -> None:
