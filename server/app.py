@@ -7,14 +7,17 @@ Every error leaves in OpenAI's shape {"error": {"message", "type", "param", "cod
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+import weakref
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
@@ -23,9 +26,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from decoding.engine import Engine
 from decoding.verify import SamplingParams
 from retrieval.sessions import SessionRegistry
+from retrieval.suffix_index import SuffixIndex
+from server.gate import APIKeys, Gate
 from server.metrics import Metrics
-from server.scheduler import Delta, Failed, Finished, GenRequest, QueueFull, Scheduler
-from server.schemas import ChatCompletionRequest, CompletionRequest, ParamError
+from server.scheduler import Delta, Failed, Finished, GenRequest, QueueFull, Scheduler, ShuttingDown
+from server.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, ParamError
+from server.settings import ServerSettings
 
 log = logging.getLogger("logitspec.server")
 
@@ -65,13 +71,17 @@ def _validation_details(exc: ValidationError | RequestValidationError) -> tuple[
     return (f"{param}: {msg}" if param else msg), param, "invalid_value"
 
 
-@dataclass
-class ServerSettings:
-    model_name: str
-    max_queue: int = 64
-    request_timeout: float = 600.0
-    max_sessions: int = 256
-    session_bytes: int = 512 * 2**20
+# Documented in the OpenAPI schema: the bodies the routes parse by hand, and the error shape.
+REQUEST_MODELS = (ChatCompletionRequest, CompletionRequest)
+ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": description} for status, description in (
+    (400, "Invalid request"), (401, "Missing or wrong API key"), (404, "Unknown model"),
+    (413, "Request body too large"), (429, "Queue full"), (500, "Generation failed"),
+    (503, "Shutting down"))}
+
+
+def _request_body(model) -> dict:
+    return {"requestBody": {"required": True, "content": {"application/json": {
+        "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}}}}
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
@@ -98,8 +108,11 @@ def _logprobs_text(tokenizer, tokens, entries) -> dict:
 def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     scheduler = Scheduler(engine, max_queue=settings.max_queue)
     sessions = SessionRegistry(settings.max_sessions, settings.session_bytes)
+    # Indexes of requests without a session: alive only while a sequence holds them (leak check).
+    request_indexes: weakref.WeakSet[SuffixIndex] = weakref.WeakSet()
     tokenizer = engine.tokenizer
     context = engine.cache.max_len
+    open_streams = 0
 
     metrics = Metrics(engine, scheduler, sessions)
     scheduler.metrics = metrics
@@ -109,6 +122,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     app.state.scheduler = scheduler
     app.state.sessions = sessions
     app.state.engine = engine
+    app.state.draining = False
 
     @app.on_event("startup")
     async def _start():
@@ -135,8 +149,23 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         log.exception("unhandled error")
         return error_response(500, "internal server error", None, "internal_error")
 
+    async def read_body(request: Request) -> bytes:
+        limit = settings.max_body_bytes
+        declared = request.headers.get("content-length", "")
+        too_large = APIError(413, f"the request body exceeds the server's limit of {limit} bytes", None,
+                             "request_too_large")
+        if declared.isdigit() and int(declared) > limit:
+            raise too_large
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+        return b"".join(chunks)
+
     async def parse(request: Request, schema):
-        raw = await request.body()
+        raw = await read_body(request)
         try:
             data = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError):
@@ -152,9 +181,39 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         if name is not None and name != settings.model_name:
             raise APIError(404, f"The model '{name}' does not exist", "model", "model_not_found")
 
-    def session_index(req, request: Request):
+    def session_index(req, request: Request) -> SuffixIndex | None:
+        """The session's index, filed under the API key's namespace: another key naming the same
+        session gets a different index, and the registry never holds a client's raw key."""
         key = req.prompt_cache_key or req.user or request.headers.get("x-session-id")
-        return sessions.get(key) if key else None
+        if not key:
+            return None
+        namespace = getattr(request.state, "key_namespace", "")
+        return sessions.get(hashlib.sha256(f"{namespace}\0{key}".encode()).hexdigest())
+
+    def request_index() -> SuffixIndex:
+        index = SuffixIndex()
+        request_indexes.add(index)
+        return index
+
+    def check_limits(req, prompts: list[list[int]], chat: bool) -> None:
+        if req.n * len(prompts) > settings.max_n:
+            raise APIError(400, f"this request asks for {req.n * len(prompts)} sequences (n x prompts); the "
+                                f"server's limit is {settings.max_n}", "n", "too_many_choices")
+        stops = req.stop or []
+        if len(stops) > settings.max_stop:
+            raise APIError(400, f"at most {settings.max_stop} stop sequences", "stop", "too_many_stop_sequences")
+        if any(len(stop) > settings.max_stop_length for stop in stops):
+            raise APIError(400, f"stop sequences must be at most {settings.max_stop_length} characters", "stop",
+                           "stop_sequence_too_long")
+        longest = max(len(p) for p in prompts)
+        if settings.max_prompt_tokens is not None and longest > settings.max_prompt_tokens:
+            raise APIError(400, f"the prompt has {longest} tokens; the server's limit is "
+                                f"{settings.max_prompt_tokens}", "messages" if chat else "prompt", "prompt_too_long")
+        cap = settings.max_tokens_cap
+        if cap is not None and req.token_limit is not None and req.token_limit > cap:
+            param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
+            raise APIError(400, f"{param} is {req.token_limit}; the server's limit is {cap}", param,
+                           "max_tokens_exceeded")
 
     def sampling(req, choice: int) -> SamplingParams:
         seed = None if req.seed is None else req.seed + choice  # n choices must differ
@@ -164,7 +223,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         limit = req.token_limit
         room = context - prompt_len - 1
         if limit is None:
-            limit = room
+            limit = room if settings.max_tokens_cap is None else min(room, settings.max_tokens_cap)
         if prompt_len + limit + 1 > context:
             raise APIError(400, f"This model's maximum context length is {context} tokens. However, you "
                                 f"requested {prompt_len + limit} tokens ({prompt_len} in the prompt, {limit} "
@@ -180,13 +239,18 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 for c in range(req.n):
                     gens.append(scheduler.submit(GenRequest(
                         prompt=prompt, params=sampling(req, c), max_tokens=limit, stop=req.stop,
-                        logprobs=req.logprobs_k, method=req.method, index=index,
+                        logprobs=req.logprobs_k, method=req.method,
+                        index=index if index is not None else request_index(),
                         deadline=time.monotonic() + settings.request_timeout)))
         except QueueFull:
             for g in gens:
                 g.cancel()
             raise APIError(429, "the server is at capacity; retry shortly", None, "queue_full",
                            {"Retry-After": "1"})
+        except ShuttingDown:
+            for g in gens:
+                g.cancel()
+            raise APIError(503, "the server is shutting down; retry on another replica", None, "shutting_down")
         except APIError:
             for g in gens:
                 g.cancel()
@@ -214,6 +278,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     async def run(request: Request, req, prompts: list[list[int]], chat: bool):
         check_model(req.model)
+        check_limits(req, prompts, chat)
         index = session_index(req, request)
         gens = submit_all(req, prompts, index)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
@@ -247,6 +312,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 "system_fingerprint": None, "speculative": spec_stats(results)}
 
     async def stream(request: Request, req, gens, rid, created, chat, prompt_tokens):
+        nonlocal open_streams
+        open_streams += 1  # draining waits for this stream to end
         obj = "chat.completion.chunk" if chat else "text_completion"
         base = {"id": rid, "object": obj, "created": created, "model": settings.model_name}
 
@@ -302,10 +369,45 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             yield {"data": "[DONE]"}
         finally:
             # client gone or stream over: nothing of this request may keep running
+            open_streams -= 1
             for g in gens:
                 g.cancel()
             for p in pumps:
                 p.cancel()
+
+    async def drain(grace: float) -> None:
+        """Stop admitting (503), let running requests finish for up to `grace` seconds, then fail
+        what is left (an error event ends each remaining stream)."""
+        app.state.draining = True
+        deadline = time.monotonic() + grace
+        while (not scheduler.idle or open_streams) and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if not scheduler.idle:
+            log.warning("shutdown grace of %.1f s over: failing %s", grace, scheduler.counts)
+        await asyncio.to_thread(scheduler.shutdown)
+        deadline = time.monotonic() + 2.0  # let the failed streams send their error events
+        while open_streams and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+
+    app.state.drain = drain
+
+    def openapi() -> dict:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in REQUEST_MODELS:
+                body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(body.pop("$defs", {}))
+                body["additionalProperties"] = False  # unknown parameters are refused (400)
+                components[model.__name__] = body
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi
+
+    # Inside the request counter, so refusals are counted too.
+    app.add_middleware(Gate, keys=APIKeys(settings.api_keys), protect_metrics=not settings.public_metrics,
+                       draining=lambda: app.state.draining, error_body=error_body)
 
     @app.middleware("http")
     async def _count_requests(request: Request, call_next):
@@ -325,14 +427,17 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", **scheduler.counts, "sessions": len(sessions)}
+        body = {"status": "draining" if app.state.draining else "ok", **scheduler.counts,
+                "sessions": len(sessions), "request_sessions": len(request_indexes)}
+        return JSONResponse(body, status_code=503 if app.state.draining else 200)
 
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
                                             "owned_by": "logitspec"}]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=_request_body(ChatCompletionRequest),
+              responses=ERROR_RESPONSES)
     async def chat_completions(request: Request):
         req = await parse(request, ChatCompletionRequest)
         try:
@@ -343,7 +448,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         prompt = engine.chat_prompt(messages)
         return await run(request, req, [prompt], chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=_request_body(CompletionRequest), responses=ERROR_RESPONSES)
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
         prompts = [tokenizer.encode(p) for p in req.prompt]
@@ -351,4 +456,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             raise APIError(400, "prompt must not be empty", "prompt", "invalid_value")
         return await run(request, req, prompts, chat=False)
 
+    if settings.cors_origins:  # outermost: preflights and refusals carry CORS headers too
+        app.add_middleware(CORSMiddleware, allow_origins=list(settings.cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type", "X-Session-ID"],
+                           expose_headers=["Retry-After"], max_age=600)
     return app

@@ -1,4 +1,4 @@
-"""The `logitspec` command: generate, bench (and serve, once the server exists)."""
+"""The `logitspec` command: generate, bench and serve."""
 
 from __future__ import annotations
 
@@ -71,23 +71,43 @@ def cmd_bench(args) -> int:
 def cmd_serve(args) -> int:
     import logging
 
+    import dataclasses
+
     import uvicorn
 
     from decoding.config import EngineConfig
     from decoding.engine import Engine
-    from server.app import ServerSettings, create_app
+    from server.app import create_app
+    from server.settings import ServerSettings, keys_from_env
+    from server.shutdown import GracefulServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Validated before the model loads, so a bad flag fails at once.
+    settings = ServerSettings(
+        model_name=args.served_model_name or "default", max_queue=args.max_queue,
+        request_timeout=args.request_timeout, max_sessions=args.max_sessions,
+        session_bytes=int(args.session_memory_mb * 2**20), api_keys=tuple(args.api_key or ()) + keys_from_env(),
+        public_metrics=args.public_metrics, cors_origins=tuple(args.cors_origin or ()),
+        max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_cap=args.max_tokens_cap, max_n=args.max_n, max_stop=args.max_stop,
+        max_stop_length=args.max_stop_length, shutdown_grace=args.shutdown_grace)
     config = EngineConfig(model=args.model, method=args.method, device=args.device, dtype=args.dtype,
                           threads=args.threads, tree_capacity=args.tree_capacity, adaptive=not args.no_adaptive,
                           max_context=args.max_context, sampler=args.sampler, max_batch=args.max_running)
     engine = Engine(config)
-    settings = ServerSettings(model_name=args.served_model_name or engine.loaded.name, max_queue=args.max_queue,
-                              request_timeout=args.request_timeout, max_sessions=args.max_sessions)
+    if not args.served_model_name:
+        settings = dataclasses.replace(settings, model_name=engine.loaded.name)
     print(f"[logitspec] serving {settings.model_name} ({engine.device.type}, "
           f"{str(engine.dtype).replace('torch.', '')}, method {args.method}) on http://{args.host}:{args.port}",
           file=sys.stderr, flush=True)
-    uvicorn.run(create_app(engine, settings), host=args.host, port=args.port, log_level="warning")
+    if not settings.api_keys and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"[logitspec] warning: listening on {args.host} without API keys: anyone who can reach the port "
+              f"can use it (--api-key or LOGITSPEC_API_KEYS)", file=sys.stderr, flush=True)
+    app = create_app(engine, settings)
+    # uvicorn's own wait for open connections comes after our drain; it only covers responses
+    # still being written.
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
+    GracefulServer(config, app.state.drain, settings.shutdown_grace).run()
     return 0
 
 
@@ -127,7 +147,23 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--max-running", type=int, default=8, help="sequences decoded together (KV slots)")
     s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
     s.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
-    s.add_argument("--max-sessions", type=int, default=256)
+    s.add_argument("--max-sessions", type=int, default=256, help="session indexes kept (LRU)")
+    s.add_argument("--session-memory-mb", type=float, default=512, help="memory for session indexes (LRU)")
+    s.add_argument("--api-key", action="append", metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1/* (repeatable; also LOGITSPEC_API_KEYS, "
+                        "comma-separated)")
+    s.add_argument("--public-metrics", action="store_true", help="serve /metrics without a key even with API keys")
+    s.add_argument("--cors-origin", action="append", metavar="ORIGIN",
+                   help="browser origin allowed to call the API, e.g. https://chat.example.com or * (repeatable)")
+    s.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (413 beyond)")
+    s.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the context)")
+    s.add_argument("--max-tokens-cap", type=int, default=None,
+                   help="most completion tokens a choice may ask for, and the default when it asks for none")
+    s.add_argument("--max-n", type=int, default=16, help="most sequences per request (n x prompts)")
+    s.add_argument("--max-stop", type=int, default=4, help="most stop strings per request")
+    s.add_argument("--max-stop-length", type=int, default=256, help="longest stop string (characters)")
+    s.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="after SIGTERM: seconds running requests get to finish (new ones get 503)")
     _engine_args(s)
     s.set_defaults(func=cmd_serve)
 

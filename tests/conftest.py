@@ -19,6 +19,9 @@ class TinyTokenizer:
     def decode(self, ids, skip_special_tokens=False):
         return " ".join(map(str, ids))
 
+    def encode(self, text):
+        return [3 + (ord(c) % 90) for c in text]
+
     def apply_chat_template(self, turns, add_generation_prompt=True, tokenize=True):
         return [2] + [3 + (ord(c) % 90) for t in turns for c in t["content"]]
 

@@ -1,0 +1,401 @@
+"""Access control, limits, CORS, fault isolation and graceful shutdown.
+
+The tiny random model serves the edge tests (they never look at what it writes); the fault tests
+compare outputs token for token, on the tiny model at the engine and on the real model through HTTP.
+"""
+
+import asyncio
+import gc
+import json
+import signal
+import time
+
+import httpx
+import pytest
+import torch
+
+from decoding.config import EngineConfig
+from decoding.engine import Engine
+from decoding.verify import SamplingParams
+from live_app import LiveApp
+from server.app import create_app
+from server.gate import APIKeys, key_namespace
+from server.settings import ServerSettings, keys_from_env
+from server_process import ServerProcess
+
+KEY_A, KEY_B = "key-alpha-0001", "key-beta-0002"
+ORIGIN = "https://chat.example.com"
+SHAPE = {"message", "type", "param", "code"}
+
+
+def auth(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def assert_openai_error(r, status, code=None, param=None):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == SHAPE and err["message"]
+    if code is not None:
+        assert err["code"] == code
+    if param is not None:
+        assert err["param"] == param
+
+
+# ---- configuration and keys (no model) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("kw, message", [
+    ({"api_keys": ("short",)}, "at least 8 characters"),
+    ({"api_keys": ("has space in it",)}, "without spaces"),
+    ({"max_n": 0}, "max_n must be >= 1"),
+    ({"max_body_bytes": 0}, "max_body_bytes must be >= 1"),
+    ({"max_tokens_cap": 0}, "max_tokens_cap must be >= 1"),
+    ({"max_prompt_tokens": -5}, "max_prompt_tokens must be >= 1"),
+    ({"max_stop": -1}, "max_stop must be >= 0"),
+    ({"shutdown_grace": -1}, "shutdown_grace must be >= 0"),
+    ({"cors_origins": ("chat.example.com",)}, "CORS origin"),
+])
+def test_settings_refuse_bad_values(kw, message):
+    with pytest.raises(ValueError, match=message):
+        ServerSettings(model_name="m", **kw)
+
+
+def test_api_keys_match_only_the_exact_bearer_key():
+    keys = APIKeys([KEY_A, KEY_B])
+    assert keys.namespace(f"Bearer {KEY_A}") == key_namespace(KEY_A)
+    assert keys.namespace(f"bearer {KEY_B}") == key_namespace(KEY_B)
+    assert key_namespace(KEY_A) != key_namespace(KEY_B)
+    for header in (None, "", "Bearer", "Bearer ", f"Basic {KEY_A}", f"Bearer {KEY_A}x", f"Bearer {KEY_A[:-1]}",
+                   KEY_A):
+        assert keys.namespace(header) is None, header
+    assert not APIKeys([])
+    assert keys_from_env({"LOGITSPEC_API_KEYS": f" {KEY_A},, {KEY_B} "}) == (KEY_A, KEY_B)
+
+
+# ---- the HTTP edge, on the tiny model ---------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_engine(tiny_loaded):
+    # Without cost-aware sizing a tree is everything the drafter found, so draft quality (steps)
+    # depends on the session's index alone, not on acceptance statistics learned from all traffic.
+    return Engine(EngineConfig(method="logitspec", max_batch=4, max_context=256, adaptive=False), loaded=tiny_loaded)
+
+
+@pytest.fixture(scope="module")
+def edge(tiny_engine):
+    settings = ServerSettings(model_name="tiny", api_keys=(KEY_A, KEY_B), cors_origins=(ORIGIN,),
+                              max_body_bytes=4096, max_prompt_tokens=100, max_tokens_cap=8, max_n=2, max_stop=2,
+                              max_stop_length=10, max_sessions=8)
+    live = LiveApp(create_app(tiny_engine, settings))
+    yield live
+    live.stop()
+
+
+def chat_body(content="hello there", **kw):
+    return {"messages": [{"role": "user", "content": content}], "max_tokens": 4, "temperature": 0, **kw}
+
+
+@pytest.mark.parametrize("method, path", [("POST", "/v1/chat/completions"), ("POST", "/v1/completions"),
+                                          ("GET", "/v1/models"), ("GET", "/v1/nothing-here"), ("GET", "/metrics")])
+@pytest.mark.parametrize("headers", [{}, auth("key-wrong-0003"), {"Authorization": KEY_A},
+                                     {"Authorization": f"Basic {KEY_A}"}])
+def test_401_without_or_with_a_wrong_key(edge, method, path, headers):
+    r = httpx.request(method, edge.url + path, json=chat_body(), headers=headers)
+    assert_openai_error(r, 401, code="invalid_api_key")
+    assert r.json()["error"]["type"] == "authentication_error"
+    assert r.headers["www-authenticate"] == "Bearer"
+
+
+def test_right_key_passes_and_open_routes_stay_open(edge):
+    for key in (KEY_A, KEY_B):
+        r = httpx.post(edge.url + "/v1/chat/completions", json=chat_body(), headers=auth(key))
+        assert r.status_code == 200, r.text
+        assert httpx.get(edge.url + "/metrics", headers=auth(key)).status_code == 200
+    assert_openai_error(httpx.get(edge.url + "/v1/nothing-here", headers=auth(KEY_A)), 404)
+    assert httpx.get(edge.url + "/health").json()["status"] == "ok"
+    assert httpx.get(edge.url + "/openapi.json").status_code == 200
+
+
+@pytest.mark.parametrize("body, status, param, code", [
+    (chat_body(n=3), 400, "n", "too_many_choices"),
+    ({"prompt": ["a", "b", "c"], "max_tokens": 2}, 400, "n", "too_many_choices"),
+    (chat_body(stop=["a", "b", "c"]), 400, "stop", "too_many_stop_sequences"),
+    (chat_body(stop="x" * 11), 400, "stop", "stop_sequence_too_long"),
+    (chat_body(max_tokens=9), 400, "max_tokens", "max_tokens_exceeded"),
+    (chat_body(max_completion_tokens=9), 400, "max_completion_tokens", "max_tokens_exceeded"),
+    (chat_body("y" * 150), 400, "messages", "prompt_too_long"),
+    ({"prompt": "y" * 150}, 400, "prompt", "prompt_too_long"),
+    (chat_body("z" * 5000), 413, None, "request_too_large"),
+])
+def test_limits_answer_with_clear_errors(edge, body, status, param, code):
+    path = "/v1/completions" if "prompt" in body else "/v1/chat/completions"
+    r = httpx.post(edge.url + path, json=body, headers=auth(KEY_A))
+    assert_openai_error(r, status, code=code, param=param)
+
+
+def test_body_limit_holds_without_content_length(edge):
+    def chunks():
+        yield b'{"messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"w" * 1000
+        yield b'"}]}'
+
+    r = httpx.post(edge.url + "/v1/chat/completions", content=chunks(),
+                   headers={**auth(KEY_A), "content-type": "application/json"})
+    assert_openai_error(r, 413, code="request_too_large")
+
+
+def test_max_tokens_cap_is_the_default(edge):
+    r = httpx.post(edge.url + "/v1/chat/completions", headers=auth(KEY_A), json={
+        "messages": [{"role": "user", "content": "hi"}], "temperature": 0})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 8
+
+
+def test_cors_preflight_and_headers(edge):
+    pre = httpx.options(edge.url + "/v1/chat/completions", headers={
+        "Origin": ORIGIN, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization,content-type"})
+    assert pre.status_code == 200
+    assert pre.headers["access-control-allow-origin"] == ORIGIN
+    assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+    # a refusal reaches the browser's page as a readable error, not an opaque CORS failure
+    r = httpx.get(edge.url + "/v1/models", headers={"Origin": ORIGIN})
+    assert r.status_code == 401 and r.headers["access-control-allow-origin"] == ORIGIN
+    other = httpx.get(edge.url + "/v1/models", headers={"Origin": "https://evil.example", **auth(KEY_A)})
+    assert "access-control-allow-origin" not in other.headers
+
+
+def test_sessions_are_namespaced_by_key(edge, tiny_engine):
+    """One key's session is invisible to another key naming the same session: a separate index,
+    and no draft-quality side channel (the other key's speculative stats do not change)."""
+    registry = edge.app.state.sessions
+    base = len(registry)
+    prompt = "repeat after me: the quick brown fox"
+
+    def ask(key, session):
+        r = httpx.post(edge.url + "/v1/chat/completions", headers=auth(key),
+                       json=chat_body(prompt, max_tokens=8, prompt_cache_key=session))
+        assert r.status_code == 200, r.text
+        return r.json()
+
+    fresh_b = ask(KEY_B, "shared-fresh")  # B in a session nobody primed
+    first_a = ask(KEY_A, "shared")
+    again_a = ask(KEY_A, "shared")  # A drafts from its own session
+    b = ask(KEY_B, "shared")  # B names A's session
+    assert len(registry) == base + 3  # shared-fresh (B), shared (A), shared (B)
+    assert first_a["choices"] == again_a["choices"] == b["choices"] == fresh_b["choices"]
+    assert again_a["speculative"]["steps"] < first_a["speculative"]["steps"]  # the channel exists ...
+    assert b["speculative"] == fresh_b["speculative"]  # ... and does not cross keys
+    # the registry holds neither raw keys nor raw session names
+    names = list(registry._sessions)
+    assert not any(KEY_A in n or KEY_B in n or "shared" in n for n in names)
+    sizes = sorted(len(ix) for ix in registry._sessions.values())[-3:]
+    assert sizes[-1] == 2 * sizes[0]  # A's index has two turns, each of B's one
+
+
+# ---- fault isolation in the engine (tiny model) --------------------------------------------------------
+
+PROMPTS = [[2, 5, 9, 11, 4], [2, 7, 7, 7, 30, 31], [2, 40, 41, 42, 43, 44, 45]]
+
+
+def run_batch(engine, prompts, max_new=12):
+    seqs = [engine.start_sequence(p, SamplingParams(), max_new) for p in prompts]
+    try:
+        while not all(s.finished for s in seqs):
+            live = [s for s in seqs if not s.finished]
+            engine.step(live)
+    finally:
+        for s in seqs:
+            engine.stop_sequence(s)
+    return seqs
+
+
+@pytest.fixture()
+def fault_engine(tiny_loaded):
+    engine = Engine(EngineConfig(method="logitspec", max_batch=4, max_context=256, adaptive=False,
+                                 tree_capacity=8), loaded=tiny_loaded)
+    engine.solo = [engine.generate(p, SamplingParams(), 12).output for p in PROMPTS]
+    return engine
+
+
+def test_exception_in_one_sequence_fails_it_alone(fault_engine):
+    bad = PROMPTS[1]
+
+    def hook(seq, rows):
+        if seq.prompt == bad and len(seq.output) >= 3:
+            raise RuntimeError("injected")
+
+    fault_engine.fault_hook = hook
+    seqs = run_batch(fault_engine, PROMPTS)
+    assert seqs[1].error == "RuntimeError" and seqs[1].finish_reason == "error"
+    assert len(seqs[1].output) >= 3
+    assert [seqs[0].output, seqs[2].output] == [fault_engine.solo[0], fault_engine.solo[2]]
+    assert fault_engine.cache.used_slots == 0
+
+
+def test_non_finite_logits_fail_one_sequence(fault_engine):
+    def hook(seq, rows):
+        if seq.prompt == PROMPTS[0] and len(seq.output) >= 2:
+            rows[:] = float("nan")
+
+    fault_engine.fault_hook = hook
+    seqs = run_batch(fault_engine, PROMPTS)
+    assert seqs[0].error == "non-finite logits"
+    assert [seqs[1].output, seqs[2].output] == fault_engine.solo[1:]
+
+
+def test_out_of_memory_shrinks_batch_then_tree_and_loses_nothing(fault_engine):
+    calls = {"oom": 0}
+
+    def hook(seq, rows):
+        # the first batched forward and every tree of more than 2 nodes "run out of memory"
+        if calls["oom"] == 0 or len(rows) > 2:
+            calls["oom"] += 1
+            raise torch.OutOfMemoryError("injected: CUDA out of memory")
+
+    fault_engine.fault_hook = hook
+    seqs = run_batch(fault_engine, PROMPTS)
+    assert calls["oom"] >= 2
+    assert fault_engine.batch_limit == 1 and fault_engine.tree_capacity <= 2
+    assert [s.error for s in seqs] == [None] * 3
+    assert [s.output for s in seqs] == fault_engine.solo
+
+
+# ---- fault isolation through the server (real model) -----------------------------------------------------
+
+@pytest.mark.slow
+def test_fault_in_one_request_leaves_the_others_correct(real_loaded):
+    threads = torch.get_num_threads()
+    engine = Engine(EngineConfig(method="logitspec", max_batch=4, max_context=512, tree_capacity=16, threads=1),
+                    loaded=real_loaded)
+    live = LiveApp(create_app(engine, ServerSettings(model_name="m")))
+    questions = ["Name three rivers.", "What is 2 + 2?", "Write a haiku about snow.", "List four fruits."]
+    poisoned = {tuple(engine.chat_prompt([{"role": "user", "content": q}])): mode for q, mode in
+                ((questions[1], "raise"), (questions[3], "inf"))}  # a stream raises; a non-stream goes inf
+
+    def body(q, stream):
+        return {"messages": [{"role": "user", "content": q}], "max_tokens": 24, "temperature": 0, "stream": stream}
+
+    async def streamed(http, q):
+        text, error, done = [], None, False
+        async with http.stream("POST", "/v1/chat/completions", json=body(q, True)) as r:
+            assert r.status_code == 200
+            event = None
+            async for line in r.aiter_lines():
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                elif line.startswith("data:"):
+                    data = line[5:].strip()
+                    if event == "error":
+                        error = json.loads(data)
+                    elif data == "[DONE]":
+                        done = True
+                    else:
+                        text.append(json.loads(data)["choices"][0]["delta"].get("content") or "")
+                    event = None
+        return "".join(text), error, done
+
+    async def main():
+        async with httpx.AsyncClient(base_url=live.url, timeout=300) as http:
+            alone = [(await http.post("/v1/chat/completions", json=body(q, False))).json()["choices"][0]["message"]
+                     ["content"] for q in questions]
+
+            def hook(seq, rows):
+                mode = poisoned.get(tuple(seq.prompt))
+                if mode and len(seq.output) >= 4:
+                    if mode == "raise":
+                        raise RuntimeError("injected")
+                    rows[:] = float("inf")
+
+            engine.fault_hook = hook
+            together = await asyncio.gather(streamed(http, questions[0]), streamed(http, questions[1]),
+                                            streamed(http, questions[2]),
+                                            http.post("/v1/chat/completions", json=body(questions[3], False)))
+            engine.fault_hook = None
+            after = (await http.post("/v1/chat/completions", json=body(questions[1], False))).json()
+            return alone, together, after
+
+    try:
+        alone, together, after = asyncio.run(main())
+        gc.collect()  # cycles (an exception's traceback) are not leaks
+        health = httpx.get(live.url + "/health").json()
+    finally:
+        live.stop()
+        torch.set_num_threads(threads)
+    (t0, e0, d0), (t1, e1, d1), (t2, e2, d2), r3 = together
+    assert (t0, e0, d0) == (alone[0], None, True)
+    assert (t2, e2, d2) == (alone[2], None, True)
+    assert e1["error"]["code"] == "generation_failed" and set(e1["error"]) == SHAPE and not d1
+    assert alone[1].startswith(t1)  # what it sent before the fault was right
+    assert_openai_error(r3, 500, code="generation_failed")
+    assert "non-finite" in r3.json()["error"]["message"]
+    assert after["choices"][0]["message"]["content"] == alone[1]  # the server goes on
+    assert health["running"] == health["kv_slots_used"] == health["request_sessions"] == 0
+
+
+# ---- graceful shutdown (real process) ---------------------------------------------------------------------
+
+def _stream_lines(url, max_tokens, lines_before, on_ready):
+    """Stream one chat answer; after `lines_before` data lines call on_ready(); return all data lines."""
+    out = []
+    with httpx.Client(base_url=url, timeout=120) as http:
+        with http.stream("POST", "/v1/chat/completions", json={
+                "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
+                "max_tokens": max_tokens, "temperature": 0, "stream": True}) as r:
+            assert r.status_code == 200
+            event = None
+            for line in r.iter_lines():
+                if line.startswith("event:"):
+                    event = line.split(":", 1)[1].strip()
+                if line.startswith("data:"):
+                    out.append((event, line[5:].strip()))
+                    event = None
+                    if len(out) == lines_before:
+                        on_ready()
+    return out
+
+
+@pytest.mark.slow
+def test_sigterm_finishes_running_streams_refuses_new_work_and_exits():
+    server = ServerProcess("--max-context", "512", "--max-running", "2", "--tree-capacity", "8", "--threads", "1",
+                           "--shutdown-grace", "60")
+    seen = {}
+
+    def on_ready():
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        try:
+            seen["new"] = httpx.post(server.url + "/v1/chat/completions", timeout=10, json=chat_body())
+            seen["health"] = httpx.get(server.url + "/health", timeout=10)
+        except httpx.TransportError as e:  # the socket may already be closed: also a refusal
+            seen["new"] = e
+
+    try:
+        lines = _stream_lines(server.url, 30, 4, on_ready)
+        assert lines[-1] == (None, "[DONE]")
+        chunks = [json.loads(d) for e, d in lines[:-1]]
+        assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+        new = seen["new"]
+        if isinstance(new, httpx.Response):
+            assert_openai_error(new, 503, code="shutting_down")
+            assert seen["health"].status_code == 503 and seen["health"].json()["status"] == "draining"
+        assert server.proc.wait(30) == 0
+    finally:
+        if server.proc.poll() is None:
+            server.proc.kill()
+
+
+def test_shutdown_grace_over_fails_the_rest_and_exits(tiny_loaded):
+    engine = Engine(EngineConfig(max_batch=2, max_context=256), loaded=tiny_loaded)
+    engine.fault_hook = lambda seq, rows: time.sleep(0.05)  # slow enough to outlast the grace
+    live = LiveApp(create_app(engine, ServerSettings(model_name="tiny")), grace=0.5)
+    try:
+        lines = _stream_lines(live.url, 200, 3, lambda: live.server.handle_exit(signal.SIGTERM, None))
+        event, data = lines[-1]
+        assert event == "error"
+        assert json.loads(data)["error"] == {"message": "the server is shutting down", "type": "service_unavailable",
+                                             "param": None, "code": "generation_failed"}
+        live.thread.join(15)
+        assert not live.thread.is_alive()
+    finally:
+        live.stop()
