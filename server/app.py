@@ -210,7 +210,8 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
             raise APIError(400, f"the prompt has {longest} tokens; the server's limit is "
                                 f"{settings.max_prompt_tokens}", "messages" if chat else "prompt", "prompt_too_long")
         cap = settings.max_tokens_cap
-        if cap is not None and req.token_limit is not None and req.token_limit > cap:
+        asked = {"max_tokens", "max_completion_tokens"} & req.model_fields_set  # a default is capped, not refused
+        if cap is not None and asked and req.token_limit is not None and req.token_limit > cap:
             param = "max_completion_tokens" if getattr(req, "max_completion_tokens", None) is not None else "max_tokens"
             raise APIError(400, f"{param} is {req.token_limit}; the server's limit is {cap}", param,
                            "max_tokens_exceeded")
@@ -223,7 +224,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         limit = req.token_limit
         room = context - prompt_len - 1
         if limit is None:
-            limit = room if settings.max_tokens_cap is None else min(room, settings.max_tokens_cap)
+            limit = room
+        if settings.max_tokens_cap is not None:
+            limit = min(limit, settings.max_tokens_cap)
         if prompt_len + limit + 1 > context:
             raise APIError(400, f"This model's maximum context length is {context} tokens. However, you "
                                 f"requested {prompt_len + limit} tokens ({prompt_len} in the prompt, {limit} "
@@ -399,6 +402,12 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                 body = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(body.pop("$defs", {}))
                 body["additionalProperties"] = False  # unknown parameters are refused (400)
+                body["properties"]["model"] = {"anyOf": [{"enum": [settings.model_name]}, {"type": "null"}],
+                                               "title": "Model"}  # the one model served
+                body["properties"]["n"]["maximum"] = settings.max_n
+                for name in ("max_tokens", "max_completion_tokens"):
+                    if settings.max_tokens_cap is not None and name in body["properties"]:
+                        body["properties"][name]["maximum"] = settings.max_tokens_cap
                 components[model.__name__] = body
             app.openapi_schema = schema
         return app.openapi_schema
