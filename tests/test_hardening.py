@@ -114,6 +114,8 @@ def test_right_key_passes_and_open_routes_stay_open(edge):
     assert_openai_error(httpx.get(edge.url + "/v1/nothing-here", headers=auth(KEY_A)), 404)
     assert httpx.get(edge.url + "/health").json()["status"] == "ok"
     assert httpx.get(edge.url + "/openapi.json").status_code == 200
+    for path in ("/", "/static/chat.js"):  # the chat page and its files are never behind a key
+        assert httpx.get(edge.url + path).status_code != 401
 
 
 @pytest.mark.parametrize("body, status, param, code", [
