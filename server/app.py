@@ -13,15 +13,17 @@ import logging
 import time
 import uuid
 import weakref
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.openapi.utils import get_openapi
-from fastapi.responses import JSONResponse
+from fastapi.responses import FileResponse, JSONResponse
 from pydantic import ValidationError
 from sse_starlette.sse import EventSourceResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.staticfiles import StaticFiles
 
 from decoding.engine import Engine
 from decoding.verify import SamplingParams
@@ -34,6 +36,12 @@ from server.schemas import ChatCompletionRequest, CompletionRequest, ErrorRespon
 from server.settings import ServerSettings
 
 log = logging.getLogger("logitspec.server")
+
+# The chat page at `/`: plain files, no build step. The policy keeps it on this origin: nothing is
+# loaded from another host, and no inline script could run even if text were ever inserted as HTML.
+STATIC = Path(__file__).resolve().parent / "static"
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; connect-src 'self'; "
+               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 
 ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
                413: "invalid_request_error", 429: "rate_limit_error", 503: "service_unavailable",
@@ -439,6 +447,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         body = {"status": "draining" if app.state.draining else "ok", **scheduler.counts,
                 "sessions": len(sessions), "request_sessions": len(request_indexes)}
         return JSONResponse(body, status_code=503 if app.state.draining else 200)
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page():
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY,
+                                                            "Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
     @app.get("/v1/models")
     async def models():
