@@ -310,6 +310,10 @@ async function send(text) {
   const controller = new AbortController();
   state.controller = controller;
   setStreaming(true);
+  const session = state.session;
+  const remember = (reply) => { // not into a conversation that "New chat" started meanwhile
+    if (state.session === session) state.history.push(turn, { role: "assistant", content: reply });
+  };
   let status = null;
   try {
     const response = await fetch("v1/chat/completions", {
@@ -345,11 +349,11 @@ async function send(text) {
     }
     if (!done) throw new Error("the connection closed before the answer was complete");
     if (answer.finish === "length") status = "stopped at max tokens";
-    state.history.push(turn, { role: "assistant", content: answer.text });
+    remember(answer.text);
   } catch (err) {
     if (err.name === "AbortError") {
       status = "stopped";
-      if (answer.text) state.history.push(turn, { role: "assistant", content: answer.text });
+      if (answer.text) remember(answer.text);
     } else if (err instanceof APIError && err.status === 401) {
       // nothing was said: take the turn back and send it again once a key is given
       userDiv.remove();
