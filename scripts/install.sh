@@ -18,3 +18,10 @@ if [ "${LOGITSPEC_SKIP_APT:-0}" != 1 ] && ! command -v promtool >/dev/null 2>&1 
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus curl >/dev/null
 fi
+# The system Chromium (and its driver) for the chat page's browser test, driven by Playwright with
+# executable_path: no browser download. Only where we may: as root with apt-get.
+if [ "${LOGITSPEC_SKIP_APT:-0}" != 1 ] && ! command -v chromium >/dev/null 2>&1 \
+   && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+fi
