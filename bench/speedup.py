@@ -1,11 +1,12 @@
 """Does the server's speedup metric tell the truth? Its figures against a stopwatch, same workload.
 
-For each concurrency level, the same greedy requests run twice through a live server: once with
-speculation on, once off (the request's `speculative` extension). The measured speedup is the
+For each concurrency level, the same greedy requests run through a live server with speculation
+on, then off (the request's `speculative` extension), alternating for a few rounds. The measured speedup is the
 ratio of the two phases' generated tokens per second of wall time, as a client sees it. Against
 it, what the server reported for the "on" phase, read from /metrics:
 
-- the gauge `logitspec_spec_decode_speedup` at the end of the phase (its last 60 s of decoding),
+- the gauge `logitspec_spec_decode_speedup` at the end of the last "on" phase (its last 60 s of decoding;
+  the server idles 61 s before each level so that no earlier step is in that window),
 - the counters: increase of `..._baseline_seconds_total` over increase of `..._step_seconds_total`,
 - the per-request histogram's mean over the phase (`..._request_speedup` sum / count).
 
@@ -84,33 +85,42 @@ async def phase(url: str, texts: list[str], clients: int, max_tokens: int, specu
     return {"answers": [answers[i] for i in range(len(texts))], "tokens": tokens, "seconds": wall}
 
 
-def level(url: str, texts: list[str], clients: int, max_tokens: int) -> dict:
+def level(url: str, texts: list[str], clients: int, max_tokens: int, settle: float, rounds: int) -> dict:
+    """`rounds` alternations of the on and off phases, so that a drift in the machine's speed (a
+    shared host) falls on both sides instead of on one phase."""
     http = httpx.Client(base_url=url, timeout=30)
-    before = scrape(http)
-    on = asyncio.run(phase(url, texts, clients, max_tokens, True))
-    after = scrape(http)
-    off = asyncio.run(phase(url, texts, clients, max_tokens, False))
-    off_metrics = scrape(http)
-
-    def delta(name, a=before, b=after):
-        return b.get(name, 0.0) - a.get(name, 0.0)
-
+    # The gauge covers the last 60 s of decoding steps: let earlier steps age out of it first.
+    time.sleep(settle)
+    names = ("logitspec_spec_decode_baseline_seconds_total", "logitspec_spec_decode_step_seconds_total",
+             "logitspec_spec_decode_request_speedup_sum", "logitspec_spec_decode_request_speedup_count")
+    sums = {side: {"tokens": 0, "seconds": 0.0, **{n: 0.0 for n in names}} for side in ("on", "off")}
+    identical, gauge = True, None
+    for _ in range(rounds):
+        answers = {}
+        for side in ("on", "off"):
+            before = scrape(http)
+            result = asyncio.run(phase(url, texts, clients, max_tokens, side == "on"))
+            after = scrape(http)
+            if side == "on":
+                gauge = after["logitspec_spec_decode_speedup"]
+            answers[side] = result["answers"]
+            sums[side]["tokens"] += result["tokens"]
+            sums[side]["seconds"] += result["seconds"]
+            for n in names:
+                sums[side][n] += after.get(n, 0.0) - before.get(n, 0.0)
+        identical &= answers["on"] == answers["off"]
+    on, off = sums["on"], sums["off"]
     measured = (on["tokens"] / on["seconds"]) / (off["tokens"] / off["seconds"])
-    gauge = after["logitspec_spec_decode_speedup"]
-    counters = delta("logitspec_spec_decode_baseline_seconds_total") / delta("logitspec_spec_decode_step_seconds_total")
-    per_request = delta("logitspec_spec_decode_request_speedup_sum") / delta("logitspec_spec_decode_request_speedup_count")
-    # With speculation off every step is a plain one, so the server should report about 1 there.
-    off_counters = (delta("logitspec_spec_decode_baseline_seconds_total", after, off_metrics)
-                    / delta("logitspec_spec_decode_step_seconds_total", after, off_metrics))
-    return {"clients": clients, "requests": len(texts), "max_tokens": max_tokens,
+    counters = on[names[0]] / on[names[1]]
+    return {"clients": clients, "requests": len(texts) * rounds, "max_tokens": max_tokens, "rounds": rounds,
             "on_tokens": on["tokens"], "on_seconds": on["seconds"], "off_tokens": off["tokens"],
-            "off_seconds": off["seconds"], "identical_answers": on["answers"] == off["answers"],
-            "measured_speedup": measured, "gauge": gauge, "counters": counters, "per_request_mean": per_request,
-            "off_phase_counters": off_counters,
-            "on_step_seconds": delta("logitspec_spec_decode_step_seconds_total"),
-            "on_baseline_seconds": delta("logitspec_spec_decode_baseline_seconds_total"),
-            "off_step_seconds": delta("logitspec_spec_decode_step_seconds_total", after, off_metrics),
-            "off_baseline_seconds": delta("logitspec_spec_decode_baseline_seconds_total", after, off_metrics),
+            "off_seconds": off["seconds"], "identical_answers": identical,
+            "measured_speedup": measured, "gauge": gauge, "counters": counters,
+            "per_request_mean": on[names[2]] / on[names[3]],
+            # With speculation off every step is a plain one, so the server should report about 1 there.
+            "off_phase_counters": off[names[0]] / off[names[1]],
+            "on_step_seconds": on[names[1]], "on_baseline_seconds": on[names[0]],
+            "off_step_seconds": off[names[1]], "off_baseline_seconds": off[names[0]],
             "gauge_vs_measured": gauge / measured - 1, "counters_vs_measured": counters / measured - 1}
 
 
@@ -119,6 +129,9 @@ def main() -> int:
     ap.add_argument("--url", default=None, help="an already running server (default: start one)")
     ap.add_argument("--levels", default="1,8", help="concurrent clients, comma-separated")
     ap.add_argument("--max-tokens", type=int, default=256)
+    ap.add_argument("--rounds", type=int, default=2, help="on/off alternations per level")
+    ap.add_argument("--settle", type=float, default=61.0,
+                    help="idle seconds before each level, so the gauge's 60 s window holds only that level")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
@@ -134,9 +147,9 @@ def main() -> int:
     try:
         asyncio.run(phase(url, texts[:1], 1, 8, True))  # warm-up
         for clients in levels:
-            print(f"{clients} client(s): {len(texts)} requests with speculation on, then off ...", file=sys.stderr,
+            print(f"{clients} client(s): {args.rounds} rounds of {len(texts)} requests with speculation on, then off ...", file=sys.stderr,
                   flush=True)
-            row = level(url, texts, clients, args.max_tokens)
+            row = level(url, texts, clients, args.max_tokens, args.settle, args.rounds)
             rows.append(row)
             print(f"clients {clients:>2}: measured {row['measured_speedup']:.2f}x "
                   f"({row['on_tokens'] / row['on_seconds']:.1f} vs {row['off_tokens'] / row['off_seconds']:.1f} tok/s); "
