@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
+from sse import aiter_sse  # noqa: E402
+
 PROMPTS = [
     "Name three rivers.", "What is 12 times 7?", "Write a haiku about rain.", "List four fruits.",
     "Translate 'good morning' into French.", "Give me a title for a mystery novel.",
@@ -136,26 +138,21 @@ async def stream_once(http, report: SoakReport, model: str, prompt: str, expecte
             report.errors += 1
             report.notes.append(f"stream status {r.status_code}: {(await r.aread())[:200]!r}")
             return
-        event, chunks = None, 0
-        async for line in r.aiter_lines():
-            if line.startswith("event:"):
-                event = line.split(":", 1)[1].strip()
-            elif line.startswith("data:"):
-                data = line[5:].strip()
-                if event == "error":
-                    error = data
-                elif data == "[DONE]":
-                    done = True
-                else:
-                    chunk = json.loads(data)
-                    ids.add(chunk["id"])
-                    if chunk["choices"]:
-                        text.append(chunk["choices"][0]["delta"].get("content") or "")
-                    chunks += 1
-                event = None
-                if drop_after is not None and chunks >= drop_after:
-                    report.disconnects += 1
-                    return  # leaving the block closes the connection mid-stream
+        chunks = 0
+        async for event, data in aiter_sse(r):
+            if event == "error":
+                error = data
+            elif data == "[DONE]":
+                done = True
+            else:
+                chunk = json.loads(data)
+                ids.add(chunk["id"])
+                if chunk["choices"]:
+                    text.append(chunk["choices"][0]["delta"].get("content") or "")
+                chunks += 1
+            if drop_after is not None and chunks >= drop_after:
+                report.disconnects += 1
+                return  # leaving the block closes the connection mid-stream
     if error is not None or not done:
         report.errors += 1
         report.notes.append(f"stream ended without [DONE]: {error}")

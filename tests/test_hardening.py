@@ -22,6 +22,7 @@ from server.app import create_app
 from server.gate import APIKeys, key_namespace
 from server.settings import ServerSettings, keys_from_env
 from server_process import ServerProcess
+from sse import aiter_sse, sse_events
 
 KEY_A, KEY_B = "key-alpha-0001", "key-beta-0002"
 ORIGIN = "https://chat.example.com"
@@ -284,19 +285,13 @@ def test_fault_in_one_request_leaves_the_others_correct(real_loaded):
         text, error, done = [], None, False
         async with http.stream("POST", "/v1/chat/completions", json=body(q, True)) as r:
             assert r.status_code == 200
-            event = None
-            async for line in r.aiter_lines():
-                if line.startswith("event:"):
-                    event = line.split(":", 1)[1].strip()
-                elif line.startswith("data:"):
-                    data = line[5:].strip()
-                    if event == "error":
-                        error = json.loads(data)
-                    elif data == "[DONE]":
-                        done = True
-                    else:
-                        text.append(json.loads(data)["choices"][0]["delta"].get("content") or "")
-                    event = None
+            async for event, data in aiter_sse(r):
+                if event == "error":
+                    error = json.loads(data)
+                elif data == "[DONE]":
+                    done = True
+                else:
+                    text.append(json.loads(data)["choices"][0]["delta"].get("content") or "")
         return "".join(text), error, done
 
     async def main():
@@ -347,15 +342,10 @@ def _stream_lines(url, max_tokens, lines_before, on_ready):
                 "messages": [{"role": "user", "content": "Write a long story about a lighthouse keeper."}],
                 "max_tokens": max_tokens, "temperature": 0, "stream": True}) as r:
             assert r.status_code == 200
-            event = None
-            for line in r.iter_lines():
-                if line.startswith("event:"):
-                    event = line.split(":", 1)[1].strip()
-                if line.startswith("data:"):
-                    out.append((event, line[5:].strip()))
-                    event = None
-                    if len(out) == lines_before:
-                        on_ready()
+            for item in sse_events(r.iter_lines()):
+                out.append(item)
+                if len(out) == lines_before:
+                    on_ready()
     return out
 
 
