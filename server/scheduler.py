@@ -115,8 +115,10 @@ class Scheduler:
         req.enqueued_at = time.monotonic()
         with self._cv:
             if self._stop:
+                self._detach(req)
                 raise ShuttingDown()
             if len(self._waiting) >= self.max_queue:
+                self._detach(req)  # the refusal's traceback may outlive the request
                 raise QueueFull()
             self._waiting.append(req)
             self._cv.notify()
@@ -140,6 +142,15 @@ class Scheduler:
     def _release(self, req: GenRequest) -> None:
         if req.seq is not None:
             self.engine.stop_sequence(req.seq)
+        self._detach(req)
+
+    @staticmethod
+    def _detach(req: GenRequest) -> None:
+        """A request that is over holds no sequence and no index: the app may keep the GenRequest
+        a while (a stream's frames, an exception's traceback, a reference cycle awaiting the
+        collector), and a request-scoped index can be megabytes, so it goes when the request does."""
+        req.seq = None
+        req.index = None
 
     def _finish(self, req: GenRequest, reason: str) -> None:
         delta = req.detok.flush() if req.detok and not req.detok.stopped else ""
@@ -171,6 +182,7 @@ class Scheduler:
         for req in list(self._waiting):
             if req.cancelled:
                 self._waiting.remove(req)
+                self._detach(req)
 
     def _admit(self) -> None:
         engine = self.engine
