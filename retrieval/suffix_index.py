@@ -120,18 +120,14 @@ class SuffixIndex:
         for t in toks:
             self.append(t)
 
-    def _match_state(self, context: Sequence[int], max_match: int) -> tuple[int, int]:
-        """Return (state, match_len) for the longest continuable suffix; state 0 if none."""
-        n = len(self._tokens)
-        if max_match <= 0 or n < 2 or not context:
-            return 0, 0
-        ctx = context[-max_match:] if len(context) > max_match else context
+    def _walk(self, context: Sequence[int]) -> tuple[int, int]:
+        """(state, match_len) of the longest suffix of context that occurs anywhere in the text."""
         trans = self._trans
         link = self._link
         length = self._length
         v = 0
         m = 0
-        for t in ctx:
+        for t in context:
             nxt = trans[v].get(t)
             while nxt is None and v:
                 v = link[v]
@@ -141,14 +137,32 @@ class SuffixIndex:
                 continue  # v is the root, m already 0
             v = nxt
             m += 1
+        return v, m
+
+    def _continuable(self, v: int, m: int, max_match: int) -> tuple[int, int]:
+        """The state of the longest suffix, at most max_match long, with a token after it."""
+        link = self._link
+        length = self._length
+        if m > max_match:
+            while length[link[v]] >= max_match:
+                v = link[v]
+            m = max_match
         # A state's strings share their end positions, so if its first end is the
         # final token it has no other occurrence; its link's strings do.
         firstpos = self._firstpos
-        last_idx = n - 1
+        last_idx = len(self._tokens) - 1
         while v and firstpos[v] >= last_idx:
             v = link[v]
             m = length[v]
         return v, m
+
+    def _match_state(self, context: Sequence[int], max_match: int) -> tuple[int, int]:
+        """Return (state, match_len) for the longest continuable suffix; state 0 if none."""
+        if max_match <= 0 or len(self._tokens) < 2 or not context:
+            return 0, 0
+        ctx = context[-max_match:] if len(context) > max_match else context
+        v, m = self._walk(ctx)
+        return self._continuable(v, m, max_match)
 
     def match(self, context: Sequence[int], max_match: int = 32) -> tuple[int, int]:
         """Longest suffix of context[-max_match:] occurring with a following token.
@@ -160,6 +174,28 @@ class SuffixIndex:
         if not v:
             return 0, -1
         return m, self._firstpos[v] + 1
+
+    def match_after(self, context: Sequence[int], followers: Sequence[int],
+                    max_match: int = 32) -> list[tuple[int, int]]:
+        """match(context + [t], max_match) for every t in followers, walking context only once."""
+        if max_match <= 0 or len(self._tokens) < 2:
+            return [(0, -1)] * len(followers)
+        v0, m0 = self._walk(context[-max_match:] if len(context) > max_match else context)
+        trans, link, length, firstpos = self._trans, self._link, self._length, self._firstpos
+        out = []
+        for t in followers:
+            v, m = v0, m0
+            nxt = trans[v].get(t)
+            while nxt is None and v:
+                v = link[v]
+                m = length[v]
+                nxt = trans[v].get(t)
+            if nxt is None:
+                out.append((0, -1))
+                continue
+            v, m = self._continuable(nxt, m + 1, max_match)
+            out.append((m, firstpos[v] + 1) if v else (0, -1))
+        return out
 
     def continuation(self, context: Sequence[int], max_tokens: int,
                      max_match: int = 32) -> list[int]:

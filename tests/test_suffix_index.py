@@ -222,6 +222,9 @@ def check_queries(rng: random.Random, idx: SuffixIndex, text: list[int],
         count_cap = rng.choice([1, 3, 1024])
         expected = oracle_match(text, ctx, max_match)
         assert idx.match(ctx, max_match) == expected, (text, ctx, max_match)
+        followers = [rng.randrange(alphabet + 1) for _ in range(rng.randrange(4))]
+        assert idx.match_after(ctx, followers, max_match) == \
+            [oracle_match(text, ctx + [t], max_match) for t in followers], (text, ctx, followers, max_match)
         ln, start = expected
         cont = text[start:start + max_tokens] if ln and max_tokens > 0 else []
         assert idx.continuation(ctx, max_tokens, max_match) == cont
