@@ -74,20 +74,27 @@ class AcceptanceStats:
 
 
 class CostModel:
-    """Seconds per forward: a shape in tokens, calibrated once, plus an offset per batch size.
+    """Seconds per forward: a shape in tokens, calibrated once, plus what the traffic teaches.
 
     The shape f(N) (N tokens of one sequence's tree) comes from start-up timings. What a
-    calibration cannot know, the overhead of B sequences in one forward (attention per sequence,
-    bookkeeping) and the drift of context length, is an offset o(B) learned from every step:
-    cost(N, B) = f(N) + o(B). The shape is never updated piecemeal, so a size observed often can
-    never make its rarely observed neighbours look free.
+    calibration cannot know is learned per batch size B from the steps themselves:
+    cost(N, B) = f(N) + o(B) + s(B) * (N - B).
+    o(B), the overhead of B sequences in one forward (attention per sequence, bookkeeping, context
+    drift), is fitted on plain steps, one token per sequence. s(B), a surcharge per draft token, is
+    fitted on the rest: in a batch, a sequence that verifies a tree instead of one token also pays
+    for its mask, a masked attention and the KV compaction, which one sequence's calibration does
+    not show (on 2 CPU cores, 4 sequences' draft tokens cost about 1.5x their calibrated price, so
+    trees that looked worth it were not). The shape itself is never updated piecemeal, so a size
+    observed often can never make its rarely observed neighbours look free.
     """
 
-    def __init__(self, calibration: dict[int, float], max_tokens: int, max_batch: int = 1, alpha: float = 0.1):
+    def __init__(self, calibration: dict[int, float], max_tokens: int, max_batch: int = 1, alpha: float = 0.1,
+                 decay: float = 0.95):
         if not calibration or 1 not in calibration:
             raise ValueError("calibration needs at least the 1-token forward")
         self.max_tokens = max_tokens
         self.alpha = alpha
+        self.decay = decay
         points = sorted(calibration.items())
         shape, best = [0.0], 0.0
         for n in range(1, max_tokens + 1):
@@ -96,6 +103,9 @@ class CostModel:
         self._shape = shape
         self._offset = [0.0] * (max_batch + 1)
         self._seen = [False] * (max_batch + 1)
+        # surcharge per draft token: decayed sums of excess seconds and of draft tokens
+        self._excess = [0.0] * (max_batch + 1)
+        self._drafted = [0.0] * (max_batch + 1)
 
     @staticmethod
     def _interpolate(points: list[tuple[int, float]], n: int) -> float:
@@ -112,10 +122,25 @@ class CostModel:
         slope = (t2 - t1) / (n2 - n1) if n2 != n1 else 0.0
         return t2 + slope * (n - n2)
 
+    def surcharge(self, batch: int = 1) -> float:
+        """Seconds per draft token beyond the calibrated shape, learned at this batch size."""
+        b = min(max(batch, 1), len(self._offset) - 1)
+        return self._excess[b] / self._drafted[b] if self._drafted[b] else 0.0
+
     def cost(self, n_tokens: int, batch: int = 1) -> float:
         n = min(max(n_tokens, 1), self.max_tokens)
         b = min(max(batch, 1), len(self._offset) - 1)
-        return max(self._shape[n] + self._offset[b], 1e-6)
+        plain = max(self._shape[min(b, self.max_tokens)] + self._offset[b], 1e-6)
+        if n <= b:
+            return max(self._shape[n] + self._offset[b], 1e-6)
+        # a draft token may turn out cheaper than calibrated, never free of its calibrated price's sign
+        return max(self._shape[n] + self._offset[b] + self.surcharge(b) * (n - b), plain)
+
+    def break_even(self, batch: int = 1, max_nodes: int = 16) -> float:
+        """The least acceptance probability at which draft nodes could pay at this batch size: below
+        it, k nodes accepted with that probability each never beat a plain step, whatever k."""
+        plain = self.cost(batch, batch)
+        return min(batch * (self.cost(batch + k, batch) / plain - 1.0) / k for k in range(1, max_nodes + 1))
 
     def observe(self, n_tokens: int, seconds: float, batch: int = 1) -> None:
         b = min(max(batch, 1), len(self._offset) - 1)
@@ -123,9 +148,16 @@ class CostModel:
         if not self._seen[b]:  # start a new batch size from the nearest one seen
             seen = [i for i, ok in enumerate(self._seen) if ok]
             if seen:
-                self._offset[b] = self._offset[min(seen, key=lambda i: abs(i - b))]
+                near = min(seen, key=lambda i: abs(i - b))
+                self._offset[b] = self._offset[near]
+                self._excess[b], self._drafted[b] = self._excess[near], self._drafted[near]
             self._seen[b] = True
-        self._offset[b] += self.alpha * (seconds - self._shape[n] - self._offset[b])
+        if n <= b:  # a plain step: one token per sequence
+            self._offset[b] += self.alpha * (seconds - self._shape[n] - self._offset[b])
+            return
+        d = self.decay
+        self._excess[b] = self._excess[b] * d + (seconds - self._shape[n] - self._offset[b])
+        self._drafted[b] = self._drafted[b] * d + (n - b)
 
     def choose(self, probs: list[list[float]], limits: list[int]) -> list[int]:
         """How many draft nodes each sequence keeps.

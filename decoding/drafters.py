@@ -33,6 +33,11 @@ class Drafter(Protocol):
         """A candidate tree rooted at x0, the decided next token (not yet in `index`)."""
         ...
 
+    def openings(self, index: SuffixIndex, x0: int) -> list[str]:
+        """Kinds of the depth-1 nodes that propose() could return, found cheaply: no node deeper in
+        the tree is likelier than its depth-1 ancestor, so if none of these can pay, nothing can."""
+        ...
+
 
 class ArDrafter:
     """Plain autoregressive decoding: the tree is the root alone."""
@@ -46,6 +51,9 @@ class ArDrafter:
     def propose(self, index: SuffixIndex, x0: int, guesses: list[int]) -> DraftTree:
         return DraftTree.root(x0)
 
+    def openings(self, index: SuffixIndex, x0: int) -> list[str]:
+        return []
+
 
 class PldDrafter:
     """Prompt lookup decoding: one chain after the earliest occurrence of the longest n-gram match."""
@@ -57,6 +65,10 @@ class PldDrafter:
         self.max_ngram = max_ngram
         self.max_tokens = max_tokens
         self.lookups = {"pld": [0, 0]}
+
+    def openings(self, index: SuffixIndex, x0: int) -> list[str]:
+        match_len, _ = index.match(index.tokens[-self.max_ngram:] + [x0], self.max_ngram)
+        return [f"pld:m{_bucket(match_len, MATCH_EDGES)}:1"] if match_len else []
 
     def propose(self, index: SuffixIndex, x0: int, guesses: list[int]) -> DraftTree:
         tree = DraftTree.root(x0)
@@ -94,6 +106,14 @@ class LogitSpecDrafter:
     def guess_length(rank: int) -> int:
         return 4 if rank <= 8 else 3 if rank <= 32 else 1
 
+    def openings(self, index: SuffixIndex, x0: int) -> list[str]:
+        kinds = [f"guess:r{_bucket(1, RANK_EDGES)}:1"] if self.guesses else []
+        match_len, _ = index.match(index.tokens[-(self.max_match - 1):] + [x0], self.max_match)
+        if match_len:
+            m = _bucket(match_len, MATCH_EDGES)
+            kinds += [f"next{b}:m{m}:1" for b in range(self.next_branches)]
+        return kinds
+
     def propose(self, index: SuffixIndex, x0: int, guesses: list[int]) -> DraftTree:
         tree = DraftTree.root(x0)
         tokens = index.tokens
@@ -108,16 +128,12 @@ class LogitSpecDrafter:
                 length = self.next_tokens if b == 0 else self.next_tokens // 4
                 chain = chain[:length]
                 tree.add_chain(0, chain, [f"next{b}:m{m}:{d}" for d in range(1, len(chain) + 1)])
-        context.append(0)
-        rank = 0
-        for t in guesses:
-            if t == x0:
-                continue
-            rank += 1
+        guesses = [t for t in guesses if t != x0]
+        # The guesses share the context ctx + [x0]: walked once, then one step per guess.
+        for rank, (t, (match_len, start)) in enumerate(
+                zip(guesses, index.match_after(context[-(self.max_match - 1):], guesses, self.max_match)), 1):
             r = _bucket(rank, RANK_EDGES)
             node = tree.add(0, t, f"guess:r{r}:1")
-            context[-1] = t
-            match_len, start = index.match(context, self.max_match)
             counter = self.lookups[f"guess:r{r}"]
             counter[0] += 1
             if match_len:

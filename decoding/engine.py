@@ -334,19 +334,28 @@ class Engine:
         self._steps_run += 1
         probe = self.cost is not None and self._steps_run % PROBE_EVERY == 0
         trees: list[DraftTree | None] = []
+        # Below this acceptance estimate no draft node pays at this batch size (None: no sizing).
+        floor = self.cost.break_even(len(seqs)) if self.cost is not None else None
         for seq in seqs:
             if probe:
                 trees.append(DraftTree.root(seq.root))
                 continue
+            # Acceptance runs in streaks (copying a list, a quote, a loop): a sequence whose last
+            # step accepted drafts is "hot", and its nodes are judged by hot statistics.
+            hot = bool(seq.step_sizes) and seq.step_sizes[-1] > 1
             try:
+                # A full proposal costs retrievals for every guess; when not even its likeliest
+                # first nodes could pay (large batches, text that does not repeat), skip it.
+                if floor is not None and all(self.stats.p("h." + k if hot else k) <= floor
+                                             for k in seq.drafter.openings(seq.index, seq.root)):
+                    trees.append(DraftTree.root(seq.root))
+                    continue
                 tree = seq.drafter.propose(seq.index, seq.root, seq.guesses)
             except Exception as e:
                 self._fault(seq, e)
                 trees.append(None)
                 continue
-            # Acceptance runs in streaks (copying a list, a quote, a loop): a sequence whose last
-            # step accepted drafts is "hot", and its nodes are judged by hot statistics.
-            if seq.step_sizes and seq.step_sizes[-1] > 1:
+            if hot:
                 tree.kinds = [k and "h." + k for k in tree.kinds]
             trees.append(tree)
         live = [s for s, t in zip(seqs, trees) if t is not None]

@@ -38,10 +38,26 @@ def test_choose_respects_limits():
     assert flat_then_steep().choose([[0.9] * 10], [3]) == [3]
 
 
-def test_observe_moves_estimate():
+def test_plain_steps_move_the_offset():
     c = CostModel({1: 1.0, 16: 1.0}, max_tokens=16, alpha=0.5)
-    c.observe(16, 3.0)
-    assert c.cost(16) == pytest.approx(2.0)
+    c.observe(1, 3.0)
+    assert c.cost(1) == pytest.approx(2.0)
+    assert c.cost(16) == pytest.approx(2.0)  # the offset shifts every size alike
+
+
+def test_tree_steps_teach_a_surcharge_per_draft_token():
+    c = CostModel({1: 1.0, 4: 1.0, 8: 1.0, 16: 1.0}, max_tokens=16, max_batch=4, decay=1.0)
+    c.observe(4, 1.0, batch=4)  # plain: as calibrated
+    c.observe(8, 1.4, batch=4)  # 4 draft tokens cost 0.4 more than calibrated
+    c.observe(6, 1.2, batch=4)  # 2 draft tokens 0.2 more
+    assert c.surcharge(4) == pytest.approx(0.1)
+    assert c.cost(4, 4) == pytest.approx(1.0)
+    assert c.cost(12, 4) == pytest.approx(1.8)
+    assert c.cost(2, 1) == pytest.approx(1.0)  # another batch size learns its own
+    # drafts that looked free are now judged at their real price: p = 0.05 per node never pays 0.1 s
+    assert c.choose([[0.05] * 8] * 4, [8] * 4) == [0] * 4
+    c.observe(8, 0.2, batch=4)  # cheaper than calibrated ...
+    assert c.cost(16, 4) >= c.cost(4, 4)  # ... but never cheaper than the plain step
 
 
 def test_acceptance_stats_prior_and_updates():
@@ -74,3 +90,11 @@ def test_batch_offset_shifts_all_sizes_alike():
     assert c.cost(16, 1) == pytest.approx(1.5)  # a single sequence is unaffected
     # so with 16 sequences a candidate is judged by its marginal cost, not by a stale neighbour
     assert c.choose([[0.05]] * 16, [63] * 16) == [0] * 16
+
+
+def test_break_even_probability():
+    assert CostModel({1: 1.0, 64: 64.0}, max_tokens=64).break_even() == pytest.approx(1.0)
+    assert CostModel({1: 1.0, 64: 1.0}, max_tokens=64).break_even() == pytest.approx(0.0)
+    # 4 sequences at 1.0 s, each extra token 0.1 s: k nodes pay iff 4 + k p > 4 (1 + 0.1 k)
+    c = CostModel({1: 0.5, 4: 1.0, 64: 7.0}, max_tokens=64, max_batch=4)
+    assert c.break_even(4) == pytest.approx(0.4)

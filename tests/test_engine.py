@@ -85,3 +85,27 @@ def test_config_validation():
         EngineConfig(max_batch=0)
     with pytest.raises(ValueError):
         EngineConfig(dtype="int3")
+
+
+@pytest.mark.parametrize("calibration, proposes", [
+    ({1: 1.0, 64: 64.0}, False),  # every token costs a whole step: no draft can pay, so none is built
+    ({1: 1.0, 64: 1.0}, True),  # tokens are free: every step builds its full proposal
+])
+def test_proposals_skipped_when_no_node_could_pay(tiny_loaded, calibration, proposes):
+    from decoding.cost_model import CostModel
+
+    engine = Engine(EngineConfig(method="logitspec", max_context=256, adaptive=False), loaded=tiny_loaded)
+    engine.cost = CostModel(calibration, max_tokens=64)
+    calls = []
+    propose = engine.drafter.propose
+    engine.drafter.propose = lambda *a: calls.append(1) or propose(*a)
+    prompt = [2, 7, 8, 9, 7, 8, 9, 7, 8, 9]
+    seq = engine.start_sequence(prompt, SamplingParams(), 12)
+    steps = 0
+    while not seq.finished:
+        engine.step([seq])
+        steps += 1
+    engine.stop_sequence(seq)
+    probes = steps // 32
+    assert len(calls) == (steps - probes if proposes else 0)
+    assert seq.output == engine.generate(prompt, SamplingParams(), 12).output
