@@ -75,12 +75,25 @@ async def run_level(url: str, prompts: list[str], clients: int, per_client: int,
         t0 = time.perf_counter()
         results = [r for rs in await asyncio.gather(*(client(c) for c in range(clients))) for r in rs]
         wall = time.perf_counter() - t0
+    return summarize(clients, speculative, results, wall)
+
+
+def summarize(clients: int, speculative: bool, results: list[dict], wall: float) -> dict:
     tokens = sum(r["tokens"] for r in results)
     ttfts = [r["ttft"] for r in results]
     itls = [x for r in results for x in r["itl"]]
     return {"clients": clients, "speculative": speculative, "requests": len(results), "tokens": tokens,
             "tokens_per_s": tokens / wall, "ttft_p50": percentile(ttfts, 0.5), "ttft_p95": percentile(ttfts, 0.95),
-            "itl_p50": percentile(itls, 0.5), "itl_p95": percentile(itls, 0.95), "wall_s": wall}
+            "itl_p50": percentile(itls, 0.5), "itl_p95": percentile(itls, 0.95), "wall_s": wall,
+            "results": results}
+
+
+def merge(parts: list[dict]) -> dict:
+    """Rounds of one level and mode as one: tokens over summed wall time, percentiles over all requests."""
+    results = [r for p in parts for r in p["results"]]
+    row = summarize(parts[0]["clients"], parts[0]["speculative"], results, sum(p["wall_s"] for p in parts))
+    row["rounds"] = [round(p["tokens_per_s"], 2) for p in parts]
+    return row
 
 
 def main() -> int:
@@ -89,6 +102,7 @@ def main() -> int:
     ap.add_argument("--levels", default="1,4,8,16")
     ap.add_argument("--requests-per-client", type=int, default=2)
     ap.add_argument("--max-tokens", type=int, default=96)
+    ap.add_argument("--rounds", type=int, default=2, help="alternating off/on rounds per level")
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -107,8 +121,17 @@ def main() -> int:
     try:
         asyncio.run(run_level(url, prompts, 1, 1, 8, True))  # warm-up
         for clients in levels:
+            # Off and on alternate for a few rounds, so that a shared host's drift falls on both.
+            rounds = {False: [], True: []}
+            for r in range(args.rounds):
+                for spec in (False, True) if r % 2 == 0 else (True, False):
+                    part = asyncio.run(run_level(url, prompts, clients, args.requests_per_client, args.max_tokens,
+                                                 spec))
+                    rounds[spec].append(part)
+                    print(f"[load] {clients} clients, round {r + 1}/{args.rounds}, speculation "
+                          f"{'on' if spec else 'off'}: {part['tokens_per_s']:.1f} tok/s", file=sys.stderr, flush=True)
             for spec in (False, True):
-                row = asyncio.run(run_level(url, prompts, clients, args.requests_per_client, args.max_tokens, spec))
+                row = merge(rounds[spec])
                 rows.append(row)
                 print(f"clients {clients:>3} speculation {'on ' if spec else 'off'}: {row['tokens_per_s']:6.1f} tok/s "
                       f"aggregate, TTFT p50 {row['ttft_p50'] * 1000:6.0f} ms p95 {row['ttft_p95'] * 1000:6.0f} ms, "
@@ -126,7 +149,8 @@ def main() -> int:
         if (c, True) in by and (c, False) in by:
             print(f"speculation on/off at {c} clients: {by[(c, True)]['tokens_per_s'] / by[(c, False)]['tokens_per_s']:.2f}x")
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        Path(args.json).write_text(json.dumps([{k: v for k, v in r.items() if k != "results"} for r in rows],
+                                              indent=1))
     return 0
 
 
