@@ -60,7 +60,7 @@ class Sequence:
     slot: int = -1
     past_len: int = 0  # tokens whose K/V are in the slot
     root: int = -1  # the decided next token, not yet in the cache
-    guesses: list[int] = field(default_factory=list)  # top-k of the last logit, for LogitSpec
+    root_logits: torch.Tensor | None = None  # [vocab] the last logit, kept for LogitSpec's guesses
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "error"
     error: str | None = None  # why this sequence failed (finish_reason "error")
@@ -311,8 +311,16 @@ class Engine:
         seq.root = token
         if seq.logprobs is not None:
             seq._root_logprob = self._logprob(logits, token, seq.logprobs)
-        k = seq.drafter.guesses
-        seq.guesses = logits.topk(k + 1).indices.tolist() if k else []
+        # The guesses are taken only if this sequence drafts next step (see step): a copy of the
+        # row, not a view that would keep the whole step's logits alive.
+        seq.root_logits = logits.clone() if seq.drafter.guesses else None
+
+    @staticmethod
+    def _guesses(seq: Sequence) -> list[int]:
+        """The top-k tokens of the last logit (x0 among them), LogitSpec's next-next guesses."""
+        if seq.root_logits is None:
+            return []
+        return seq.root_logits.topk(seq.drafter.guesses + 1).indices.tolist()
 
     @staticmethod
     def _logprob(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
@@ -350,7 +358,7 @@ class Engine:
                                              for k in seq.drafter.openings(seq.index, seq.root)):
                     trees.append(DraftTree.root(seq.root))
                     continue
-                tree = seq.drafter.propose(seq.index, seq.root, seq.guesses)
+                tree = seq.drafter.propose(seq.index, seq.root, self._guesses(seq))
             except Exception as e:
                 self._fault(seq, e)
                 trees.append(None)

@@ -43,7 +43,7 @@ def test_speculative_sampling_matches_plain_sampling_on_real_logits(real_engines
     try:
         # A real LogitSpec tree under the decided root, plus the root's own likeliest next tokens
         # (from a first real forward) so that acceptance, not only rejection, is exercised.
-        tree = engine.drafter.propose(seq.index, seq.root, seq.guesses)
+        tree = engine.drafter.propose(seq.index, seq.root, engine._guesses(seq))
         tree = tree.subtree(list(range(min(len(tree), 16))))
 
         def forward(t):
