@@ -19,6 +19,7 @@ class EngineConfig:
     max_context: int = 4096  # tokens per slot (prompt + output)
     tree_capacity: int = 64  # most tokens in one sequence's verification forward
     adaptive: bool = True  # cost-aware tree sizing
+    draft_margin: float = 0.05  # draft only when expecting this much more tokens/s than plain decoding
     prefill_chunk: int = 512
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     sampler: str = "coupled"  # lossless sampling verifier: coupled (seed-reproducible) or specinfer
@@ -35,5 +36,7 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if not 0.0 <= self.draft_margin <= 1.0:
+            raise ValueError("draft_margin must be between 0 and 1")
         if self.threads < 0:
             raise ValueError("threads must be >= 0")

@@ -89,12 +89,15 @@ class CostModel:
     """
 
     def __init__(self, calibration: dict[int, float], max_tokens: int, max_batch: int = 1, alpha: float = 0.1,
-                 decay: float = 0.95):
+                 decay: float = 0.95, margin: float = 0.0):
         if not calibration or 1 not in calibration:
             raise ValueError("calibration needs at least the 1-token forward")
         self.max_tokens = max_tokens
         self.alpha = alpha
         self.decay = decay
+        # A draft must promise this much more than plain decoding's tokens per second: gains
+        # smaller than the model's own error are coin flips that cost a bigger forward.
+        self.margin = margin
         points = sorted(calibration.items())
         shape, best = [0.0], 0.0
         for n in range(1, max_tokens + 1):
@@ -139,7 +142,7 @@ class CostModel:
     def break_even(self, batch: int = 1, max_nodes: int = 16) -> float:
         """The least acceptance probability at which draft nodes could pay at this batch size: below
         it, k nodes accepted with that probability each never beat a plain step, whatever k."""
-        plain = self.cost(batch, batch)
+        plain = self.cost(batch, batch) / (1.0 + self.margin)
         return min(batch * (self.cost(batch + k, batch) / plain - 1.0) / k for k in range(1, max_nodes + 1))
 
     def observe(self, n_tokens: int, seconds: float, batch: int = 1) -> None:
@@ -168,7 +171,7 @@ class CostModel:
         base = len(probs)
         merged = sorted(((p, s) for s, ps in enumerate(probs) for p in ps[:limits[s]]), reverse=True)
         merged = merged[:self.max_tokens - base]
-        gain, best_k, best_rate = 0.0, 0, base / self.cost(base, base)
+        gain, best_k, best_rate = 0.0, 0, (1.0 + self.margin) * base / self.cost(base, base)
         for k, (p, _) in enumerate(merged, start=1):
             gain += p
             rate = (base + gain) / self.cost(base + k, base)

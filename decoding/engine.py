@@ -196,7 +196,7 @@ class Engine:
             seconds = {n: statistics.median(ts) for n, ts in timings.items()}
         finally:
             self.cache.release(slot)
-        cost = CostModel(seconds, max_tokens, self.config.max_batch)
+        cost = CostModel(seconds, max_tokens, self.config.max_batch, margin=self.config.draft_margin)
         log("forward cost vs tree size: " + ", ".join(
             f"{n}:{1000 * s:.0f}ms" for n, s in seconds.items() if n in (1, 4, 8, 16, 32, 64)))
         return cost

@@ -18,6 +18,8 @@ def _engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
     p.add_argument("--tree-capacity", type=int, default=64, help="most tokens verified per sequence per step")
     p.add_argument("--no-adaptive", action="store_true", help="turn off cost-aware tree sizing")
+    p.add_argument("--draft-margin", type=float, default=0.05,
+                   help="draft only when the cost model expects this much more tokens/s than plain decoding")
     p.add_argument("--max-context", type=int, default=4096)
     p.add_argument("--sampler", default="coupled", choices=("coupled", "specinfer"),
                    help="lossless sampling verifier (coupled: same text for a seed whatever the draft)")
@@ -27,7 +29,7 @@ def _config(args, method: str) -> EngineConfig:
     return EngineConfig(model=args.model, method=method, device=args.device, dtype=args.dtype,
                         threads=args.threads, tree_capacity=args.tree_capacity,
                         adaptive=not args.no_adaptive, max_context=args.max_context,
-                        sampler=args.sampler)
+                        sampler=args.sampler, draft_margin=args.draft_margin)
 
 
 def cmd_generate(args) -> int:
@@ -93,7 +95,8 @@ def cmd_serve(args) -> int:
         max_stop_length=args.max_stop_length, shutdown_grace=args.shutdown_grace)
     config = EngineConfig(model=args.model, method=args.method, device=args.device, dtype=args.dtype,
                           threads=args.threads, tree_capacity=args.tree_capacity, adaptive=not args.no_adaptive,
-                          max_context=args.max_context, sampler=args.sampler, max_batch=args.max_running)
+                          max_context=args.max_context, sampler=args.sampler, max_batch=args.max_running,
+                          draft_margin=args.draft_margin)
     engine = Engine(config)
     if not args.served_model_name:
         settings = dataclasses.replace(settings, model_name=engine.loaded.name)

@@ -98,3 +98,13 @@ def test_break_even_probability():
     # 4 sequences at 1.0 s, each extra token 0.1 s: k nodes pay iff 4 + k p > 4 (1 + 0.1 k)
     c = CostModel({1: 0.5, 4: 1.0, 64: 7.0}, max_tokens=64, max_batch=4)
     assert c.break_even(4) == pytest.approx(0.4)
+
+
+def test_margin_keeps_marginal_drafts_out():
+    # 1 s per step, each extra token 0.1 s: a node accepted with p = 0.12 raises the rate by ~2%
+    c = CostModel({1: 1.0, 2: 1.1, 64: 7.3}, max_tokens=64)
+    assert c.choose([[0.12]], [1]) == [1]
+    c.margin = 0.05
+    assert c.choose([[0.12]], [1]) == [0]
+    assert c.choose([[0.2]], [1]) == [1]  # 1.2 / 1.1 = +9%: clears the margin
+    assert c.break_even() == pytest.approx(0.05 / 16 + 0.105)  # best case: 16 such nodes
