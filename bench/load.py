@@ -121,6 +121,10 @@ def main() -> int:
     try:
         asyncio.run(run_level(url, prompts, 1, 1, 8, True))  # warm-up
         for clients in levels:
+            # Unmeasured first: a fresh batch size starts from the cost model's priors (acceptance
+            # rates, a draft token's surcharge at this batch), which a running server has learned.
+            for spec in (True, False):
+                asyncio.run(run_level(url, prompts, clients, 1, args.max_tokens, spec))
             # Off and on alternate for a few rounds, so that a shared host's drift falls on both.
             rounds = {False: [], True: []}
             for r in range(args.rounds):
