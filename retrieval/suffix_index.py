@@ -120,13 +120,12 @@ class SuffixIndex:
         for t in toks:
             self.append(t)
 
-    def _walk(self, context: Sequence[int]) -> tuple[int, int]:
-        """(state, match_len) of the longest suffix of context that occurs anywhere in the text."""
+    def _walk(self, context: Sequence[int], v: int = 0, m: int = 0) -> tuple[int, int]:
+        """(state, match_len) of the longest suffix of context that occurs anywhere in the text,
+        reading on from state v matched over m tokens (the root by default)."""
         trans = self._trans
         link = self._link
         length = self._length
-        v = 0
-        m = 0
         for t in context:
             nxt = trans[v].get(t)
             while nxt is None and v:
@@ -181,19 +180,10 @@ class SuffixIndex:
         if max_match <= 0 or len(self._tokens) < 2:
             return [(0, -1)] * len(followers)
         v0, m0 = self._walk(context[-max_match:] if len(context) > max_match else context)
-        trans, link, length, firstpos = self._trans, self._link, self._length, self._firstpos
+        firstpos = self._firstpos
         out = []
         for t in followers:
-            v, m = v0, m0
-            nxt = trans[v].get(t)
-            while nxt is None and v:
-                v = link[v]
-                m = length[v]
-                nxt = trans[v].get(t)
-            if nxt is None:
-                out.append((0, -1))
-                continue
-            v, m = self._continuable(nxt, m + 1, max_match)
+            v, m = self._continuable(*self._walk((t,), v0, m0), max_match)
             out.append((m, firstpos[v] + 1) if v else (0, -1))
         return out
 
