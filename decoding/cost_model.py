@@ -133,11 +133,13 @@ class CostModel:
     def cost(self, n_tokens: int, batch: int = 1) -> float:
         n = min(max(n_tokens, 1), self.max_tokens)
         b = min(max(batch, 1), len(self._offset) - 1)
-        plain = max(self._shape[min(b, self.max_tokens)] + self._offset[b], 1e-6)
+        seconds = max(self._shape[n] + self._offset[b], 1e-6)
         if n <= b:
-            return max(self._shape[n] + self._offset[b], 1e-6)
-        # a draft token may turn out cheaper than calibrated, never free of its calibrated price's sign
-        return max(self._shape[n] + self._offset[b] + self.surcharge(b) * (n - b), plain)
+            return seconds
+        # Draft tokens may turn out cheaper than calibrated, but a tree never costs less than the
+        # plain step of its batch.
+        plain = self.cost(b, b)
+        return max(seconds + self.surcharge(b) * (n - b), plain)
 
     def break_even(self, batch: int = 1, max_nodes: int = 16) -> float:
         """The least acceptance probability at which draft nodes could pay at this batch size: below

@@ -343,7 +343,7 @@ class Engine:
         probe = self.cost is not None and self._steps_run % PROBE_EVERY == 0
         trees: list[DraftTree | None] = []
         # Below this acceptance estimate no draft node pays at this batch size (None: no sizing).
-        floor = self.cost.break_even(len(seqs)) if self.cost is not None else None
+        floor = self.cost.break_even(len(seqs)) if self.cost is not None and not probe else None
         for seq in seqs:
             if probe:
                 trees.append(DraftTree.root(seq.root))
