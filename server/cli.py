@@ -77,7 +77,6 @@ def cmd_serve(args) -> int:
 
     import uvicorn
 
-    from decoding.config import EngineConfig
     from decoding.engine import Engine
     from server.app import create_app
     from server.settings import ServerSettings, keys_from_env
@@ -93,11 +92,7 @@ def cmd_serve(args) -> int:
         max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_cap=args.max_tokens_cap, max_n=args.max_n, max_stop=args.max_stop,
         max_stop_length=args.max_stop_length, shutdown_grace=args.shutdown_grace)
-    config = EngineConfig(model=args.model, method=args.method, device=args.device, dtype=args.dtype,
-                          threads=args.threads, tree_capacity=args.tree_capacity, adaptive=not args.no_adaptive,
-                          max_context=args.max_context, sampler=args.sampler, max_batch=args.max_running,
-                          draft_margin=args.draft_margin)
-    engine = Engine(config)
+    engine = Engine(dataclasses.replace(_config(args, args.method), max_batch=args.max_running))
     if not args.served_model_name:
         settings = dataclasses.replace(settings, model_name=engine.loaded.name)
     print(f"[logitspec] serving {settings.model_name} ({engine.device.type}, "
