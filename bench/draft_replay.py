@@ -6,7 +6,9 @@ drafter proposes a tree from the tokens so far, the tree is cut to the tree capa
 engine's own acceptance statistics (decoding/cost_model.py, as with cost-aware sizing off), and the
 longest path that agrees with the recorded answer is accepted plus the bonus token. That is what
 the engine does, minus the forwards, so drafting ideas are compared in seconds instead of an hour.
-The real bench (`logitspec bench`) stays the measurement; this is the workbench.
+The real bench (`logitspec bench`) stays the measurement; this is the workbench. What it cannot
+replay: LogitSpec's echoes (they come from the model's logits at rejected tree nodes, which a
+recording of the answer does not hold), so it replays LogitSpec without them.
 
     python bench/draft_replay.py record --per-category 3 --max-new-tokens 256 --out /tmp/replay.json
     python bench/draft_replay.py replay /tmp/replay.json --methods pld,logitspec

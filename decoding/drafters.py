@@ -7,6 +7,7 @@ KV cache; it proposes generously, labelling each node with a statistics key, and
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from decoding.tree import DraftTree
@@ -22,18 +23,24 @@ def _bucket(value: int, edges: tuple[int, ...]) -> int:
 
 MATCH_EDGES = (1, 2, 4, 8)  # match-length buckets: longer matches predict better
 RANK_EDGES = (1, 2, 4, 8, 16, 32)  # next-next guess rank buckets
+SHARE_EDGES = (0.25, 0.5, 0.99)  # share of recent occurrences that a next-token trie node continues
+
+# An echo (see Engine._keep_echoes): ("t", chain) from a rejected node that held the root's token,
+# ("s", chain) from a rejected node where the root now sits; chain: the target's predictions.
+Echo = tuple[str, list[int]]
 
 
 class Drafter(Protocol):
     name: str
     guesses: int  # how many top-k tokens of the last logit the drafter wants (0 = none)
+    echoes: int  # how many echoes (token chains, see LogitSpecDrafter) the drafter wants (0 = none)
     lookups: dict[str, list[int]]  # retrieval kind -> [lookups, hits], running totals for metrics
 
-    def propose(self, index: SuffixIndex, x0: int, guesses: list[int]) -> DraftTree:
+    def propose(self, index: SuffixIndex, x0: int, guesses: list[int], echoes: Sequence[Echo] = ()) -> DraftTree:
         """A candidate tree rooted at x0, the decided next token (not yet in `index`)."""
         ...
 
-    def openings(self, index: SuffixIndex, x0: int) -> list[str]:
+    def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[str]:
         """Kinds of the depth-1 nodes that propose() could return, found cheaply: no node deeper in
         the tree is likelier than its depth-1 ancestor, so if none of these can pay, nothing can."""
         ...
@@ -44,14 +51,15 @@ class ArDrafter:
 
     name = "ar"
     guesses = 0
+    echoes = 0
 
     def __init__(self):
         self.lookups: dict[str, list[int]] = {}
 
-    def propose(self, index: SuffixIndex, x0: int, guesses: list[int]) -> DraftTree:
+    def propose(self, index: SuffixIndex, x0: int, guesses: list[int], echoes: Sequence[Echo] = ()) -> DraftTree:
         return DraftTree.root(x0)
 
-    def openings(self, index: SuffixIndex, x0: int) -> list[str]:
+    def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[str]:
         return []
 
 
@@ -60,17 +68,18 @@ class PldDrafter:
 
     name = "pld"
     guesses = 0
+    echoes = 0
 
     def __init__(self, max_ngram: int = 3, max_tokens: int = 10):
         self.max_ngram = max_ngram
         self.max_tokens = max_tokens
         self.lookups = {"pld": [0, 0]}
 
-    def openings(self, index: SuffixIndex, x0: int) -> list[str]:
+    def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[str]:
         match_len, _ = index.match(index.tokens[-self.max_ngram:] + [x0], self.max_ngram)
         return [f"pld:m{_bucket(match_len, MATCH_EDGES)}:1"] if match_len else []
 
-    def propose(self, index: SuffixIndex, x0: int, guesses: list[int]) -> DraftTree:
+    def propose(self, index: SuffixIndex, x0: int, guesses: list[int], echoes: Sequence[Echo] = ()) -> DraftTree:
         tree = DraftTree.root(x0)
         context = index.tokens[-self.max_ngram:] + [x0]
         match_len, start = index.match(context, self.max_ngram)
@@ -86,52 +95,82 @@ class PldDrafter:
 class LogitSpecDrafter:
     """LogitSpec: retrieval for the next token and for each next-next guess from the last logit.
 
-    Branch for the next token: what followed the longest earlier match of ctx + [x0], plus the
-    runner-up distinct continuations. Branches for the next-next token: each top-k token t of the
-    last logit (t != x0) is a guess for the token after x0, followed by what followed ctx + [x0, t];
-    lower ranks get shorter retrievals (reference: 4 tokens for rank <= 8, 3 for <= 32, else 1).
+    Branch for the next token: a trie of what followed the most recent earlier occurrences of the
+    longest match of ctx + [x0] (the latest one deepest); each node's kind carries the share of
+    those occurrences that pass through it, so a continuation every occurrence agrees on ranks
+    above one that a single occurrence had. Branches for the next-next token: each top-k token t
+    of the last logit (t != x0) is a guess for the token after x0, followed by what followed
+    ctx + [x0, t]; lower ranks get shorter retrievals (reference: 4 tokens for rank <= 8, 3 for
+    <= 32, else 1). Echoes (Engine._keep_echoes): in the previous step's tree, what the target
+    predicted after a rejected node that held x0 or sat where x0 now sits, continued down that
+    node's draft as far as the target agreed there; each is one more branch for what follows x0.
     """
 
     name = "logitspec"
 
-    def __init__(self, guesses: int = 48, next_tokens: int = 24, next_branches: int = 3,
-                 max_match: int = 32):
+    def __init__(self, guesses: int = 48, next_tokens: int = 48, recent: int = 16, max_match: int = 32,
+                 echoes: int = 4, search: int = 256):
         self.guesses = guesses
-        self.next_tokens = next_tokens
-        self.next_branches = next_branches
+        self.next_tokens = next_tokens  # depth of the latest occurrence's branch; the others get half
+        self.recent = recent  # occurrences in the next-token trie
         self.max_match = max_match
-        self.lookups = {"next": [0, 0], **{f"guess:r{r}": [0, 0] for r in range(len(RANK_EDGES) + 1)}}
+        self.echoes = echoes
+        self.search = search  # occurrences looked at to find the recent ones
+        self.lookups = {"next": [0, 0], "echo": [0, 0],
+                        **{f"guess:r{r}": [0, 0] for r in range(len(RANK_EDGES) + 1)}}
 
     @staticmethod
     def guess_length(rank: int) -> int:
         return 4 if rank <= 8 else 3 if rank <= 32 else 1
 
-    def openings(self, index: SuffixIndex, x0: int) -> list[str]:
+    def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[str]:
         kinds = [f"guess:r{_bucket(1, RANK_EDGES)}:1"] if self.guesses else []
+        kinds += list(dict.fromkeys(f"echo:{tag}{min(i, 2)}:1" for tag in "ts"
+                                    for i, _ in enumerate(e for t, e in echoes if t == tag)))
         match_len, _ = index.match(index.tokens[-(self.max_match - 1):] + [x0], self.max_match)
         if match_len:
             m = _bucket(match_len, MATCH_EDGES)
-            kinds += [f"next{b}:m{m}:1" for b in range(self.next_branches)]
+            kinds += [f"next:m{m}:s{s}:1" for s in range(len(SHARE_EDGES) + 1)]
         return kinds
 
-    def propose(self, index: SuffixIndex, x0: int, guesses: list[int]) -> DraftTree:
+    def propose(self, index: SuffixIndex, x0: int, guesses: list[int],
+                echoes: Sequence[Echo] = ()) -> DraftTree:
         tree = DraftTree.root(x0)
         tokens = index.tokens
         context = tokens[-(self.max_match - 1):] + [x0]
-        match_len, _ = index.match(context, self.max_match)
+        match_len, ends = index.occurrences(context, self.max_match, self.search)
         self.lookups["next"][0] += 1
         if match_len:
             self.lookups["next"][1] += 1
             m = _bucket(match_len, MATCH_EDGES)
-            branches = index.continuations(context, self.next_tokens, self.next_branches, self.max_match)
-            for b, (chain, _count) in enumerate(branches):
-                length = self.next_tokens if b == 0 else self.next_tokens // 4
-                chain = chain[:length]
-                tree.add_chain(0, chain, [f"next{b}:m{m}:{d}" for d in range(1, len(chain) + 1)])
+            recent = ends[-self.recent:][::-1]
+            passes: dict[int, int] = {}  # node -> occurrences whose continuation runs through it
+            for b, end in enumerate(recent):
+                node = 0
+                for t in tokens[end + 1:end + 1 + (self.next_tokens if b == 0 else self.next_tokens // 2)]:
+                    node = tree.add(node, t, "")
+                    passes[node] = passes.get(node, 0) + 1
+            for node, n in passes.items():
+                tree.kinds[node] = f"next:m{m}:s{_bucket(n / len(recent), SHARE_EDGES)}:{tree.depths[node]}"
+        # Echoes and guesses share the context ctx + [x0]: walked once, then one step per token.
+        after = context[-(self.max_match - 1):]
+        echoes = [(tag, e) for tag, e in echoes if e][:2 * self.echoes]
+        firsts = [e[0] for _, e in echoes]
+        rank = {"t": 0, "s": 0}
+        for (tag, echo), (match_len, start) in zip(echoes, index.match_after(after, firsts, self.max_match)):
+            kind = f"echo:{tag}{min(rank[tag], 2)}"
+            rank[tag] += 1
+            tree.add_chain(0, echo, [f"{kind}:{d}" if d == 1 else f"{kind}:w:{d}" for d in range(1, len(echo) + 1)])
+            self.lookups["echo"][0] += 1
+            if match_len and len(echo) == 1:  # a lone prediction goes on with what followed it before
+                self.lookups["echo"][1] += 1
+                node = tree.children(0)[echo[0]]
+                chain = tokens[start:start + 4]
+                m = min(_bucket(match_len, MATCH_EDGES), 2)
+                tree.add_chain(node, chain, [f"{kind}:m{m}:{d}" for d in range(2, len(chain) + 2)])
         guesses = [t for t in guesses if t != x0]
-        # The guesses share the context ctx + [x0]: walked once, then one step per guess.
         for rank, (t, (match_len, start)) in enumerate(
-                zip(guesses, index.match_after(context[-(self.max_match - 1):], guesses, self.max_match)), 1):
+                zip(guesses, index.match_after(after, guesses, self.max_match)), 1):
             r = _bucket(rank, RANK_EDGES)
             node = tree.add(0, t, f"guess:r{r}:1")
             counter = self.lookups[f"guess:r{r}"]

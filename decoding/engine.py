@@ -24,7 +24,7 @@ import torch
 
 from decoding.config import METHODS, EngineConfig
 from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes
-from decoding.drafters import Drafter, make_drafter
+from decoding.drafters import Drafter, Echo, make_drafter
 from decoding.loader import LoadedModel, load, log
 from decoding.model import Model, SeqBatchEntry
 from decoding.tree import DraftTree
@@ -61,6 +61,7 @@ class Sequence:
     past_len: int = 0  # tokens whose K/V are in the slot
     root: int = -1  # the decided next token, not yet in the cache
     root_logits: torch.Tensor | None = None  # [vocab] the last logit, kept for LogitSpec's guesses
+    echoes: list[Echo] = field(default_factory=list)  # LogitSpec's echoes for the root (Engine._keep_echoes)
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "error"
     error: str | None = None  # why this sequence failed (finish_reason "error")
@@ -355,10 +356,10 @@ class Engine:
                 # A full proposal costs retrievals for every guess; when not even its likeliest
                 # first nodes could pay (large batches, text that does not repeat), skip it.
                 if floor is not None and all(self.stats.p("h." + k if hot else k) <= floor
-                                             for k in seq.drafter.openings(seq.index, seq.root)):
+                                             for k in seq.drafter.openings(seq.index, seq.root, seq.echoes)):
                     trees.append(DraftTree.root(seq.root))
                     continue
-                tree = seq.drafter.propose(seq.index, seq.root, self._guesses(seq))
+                tree = seq.drafter.propose(seq.index, seq.root, self._guesses(seq), seq.echoes)
             except Exception as e:
                 self._fault(seq, e)
                 trees.append(None)
@@ -477,8 +478,10 @@ class Engine:
                 for t, order, c in zip(trees, ranked, counts)]
 
     def _accept(self, seq: Sequence, tree: DraftTree, logits: torch.Tensor) -> list[int]:
+        best = None
         if seq.params.greedy:
-            path, next_token = verify_greedy(tree, logits)
+            best = logits.argmax(-1).tolist()
+            path, next_token = verify_greedy(tree, logits, best)
         elif self.config.sampler == "coupled":
             path, next_token = verify_coupled(tree, logits, seq.params, seq.seed, seq.past_len)
         else:
@@ -512,7 +515,39 @@ class Engine:
             seq.finish_reason = "length"
         if seq.finish_reason is None:
             self._set_root(seq, next_token, logits[path[-1]])
+        if seq.finish_reason is None:  # (a decided stop token ends it)
+            self._keep_echoes(seq, tree, path, logits, best)
         return new
+
+    @staticmethod
+    def _keep_echoes(seq: Sequence, tree: DraftTree, path: list[int], logits: torch.Tensor,
+                     best: list[int] | None) -> None:
+        """LogitSpec's echoes for the next step: the verification forward also gave the target's
+        prediction after every rejected draft node. Two kinds of rejected node saw a context close
+        to the new root's: one that held the root's token elsewhere in the tree ("t": a token
+        dropped, inserted or swapped before it), and a sibling of the root, which sat where the
+        root now sits ("s": the same context but that one token). Their predictions, continued
+        down their drafts as far as the target agreed there, are more branches for what follows
+        the root, as the last logit's top-k are for the token after it."""
+        seq.echoes = []
+        if not seq.drafter.echoes or len(tree) == len(path):
+            return
+        k = seq.drafter.echoes
+        on_path = set(path)
+        same = sorted((v for v in range(1, len(tree)) if tree.tokens[v] == seq.root and v not in on_path),
+                      key=lambda v: tree.depths[v])[:k]
+        siblings = list(tree.children(path[-1]).values())[:k]  # all rejected: the path ends above them
+
+        def predicted(v: int) -> int:
+            return best[v] if best is not None else int(logits[v].argmax())
+
+        for tag, nodes in (("t", same), ("s", siblings)):
+            for v in nodes:
+                echo = [predicted(v)]
+                while (child := tree.children(v).get(echo[-1])) is not None:
+                    v = child
+                    echo.append(predicted(v))
+                seq.echoes.append((tag, echo))
 
     # ---- convenience: one request start to end -------------------------------------------------
 

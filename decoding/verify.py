@@ -105,9 +105,10 @@ def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-def verify_greedy(tree: DraftTree, logits: torch.Tensor) -> tuple[list[int], int]:
-    """Accepted node indices (root first) and the bonus token."""
-    best = logits.argmax(-1).tolist()  # [n]
+def verify_greedy(tree: DraftTree, logits: torch.Tensor, best: list[int] | None = None) -> tuple[list[int], int]:
+    """Accepted node indices (root first) and the bonus token. best: logits.argmax(-1), if known."""
+    if best is None:
+        best = logits.argmax(-1).tolist()  # [n]
     node, path = 0, [0]
     while (child := tree.children(node).get(best[node])) is not None:
         node = child

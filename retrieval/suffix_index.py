@@ -187,6 +187,31 @@ class SuffixIndex:
             out.append((m, firstpos[v] + 1) if v else (0, -1))
         return out
 
+    def occurrences(self, context: Sequence[int], max_match: int = 32,
+                    limit: int = 256) -> tuple[int, list[int]]:
+        """(match_len, ends) for the longest suffix of context[-max_match:] occurring with a
+        following token: `ends` are the positions where its earlier occurrences end, ascending.
+
+        The occurrences are the prefix states in the matched state's suffix-link subtree; the
+        search stops after `limit` of them (which ones is then up to the subtree's shape).
+        """
+        v, m = self._match_state(context, max_match)
+        if not v:
+            return 0, []
+        children = self._children
+        is_clone = self._is_clone
+        firstpos = self._firstpos
+        last_idx = len(self._tokens) - 1
+        ends: list[int] = []
+        stack = [v]
+        while stack and len(ends) < limit:
+            u = stack.pop()
+            if not is_clone[u] and firstpos[u] < last_idx:
+                ends.append(firstpos[u])
+            stack.extend(children[u])
+        ends.sort()
+        return m, ends
+
     def continuation(self, context: Sequence[int], max_tokens: int,
                      max_match: int = 32) -> list[int]:
         """Tokens that followed the first occurrence of the matched suffix."""

@@ -23,10 +23,18 @@ def test_pld_no_match_no_draft():
     assert len(t) == 1
 
 
+def chain_below(t, node):
+    chain = []
+    while t.children(node):
+        (tok, node), = t.children(node).items()
+        chain.append(tok)
+    return chain
+
+
 def test_logitspec_next_branch_and_guess_branches():
     # text: 1 2 3 4 | 2 9 8 | 1 2
     index = SuffixIndex([1, 2, 3, 4, 2, 9, 8, 1, 2])
-    d = LogitSpecDrafter(guesses=3, next_tokens=2, next_branches=1)
+    d = LogitSpecDrafter(guesses=3, next_tokens=2)
     # root x0 = 3: "1 2 3" matched at 0..2 -> next branch 4 2
     # guesses (top-k of the last logit, root skipped): 9 (rank 1), 5 (rank 2)
     #   ctx + [3, 9]: "9" followed by 8 1 2 -> guess branch 9 8 1 2 (4 tokens for rank <= 8)
@@ -34,15 +42,42 @@ def test_logitspec_next_branch_and_guess_branches():
     t = d.propose(index, 3, [3, 9, 5])
     assert t.tokens[0] == 3
     assert t.tokens[1:3] == [4, 2] and t.parents[1:3] == [0, 1]
+    assert t.kinds[1:3] == ["next:m2:s3:1", "next:m2:s3:2"]  # match of 3 tokens, the one occurrence
     n9 = t.children(0)[9]
-    chain, node = [], n9
-    while t.children(node):
-        (tok, node), = t.children(node).items()
-        chain.append(tok)
-    assert chain == [8, 1, 2]
+    assert chain_below(t, n9) == [8, 1, 2]
     n5 = t.children(0)[5]
     assert t.children(n5) == {}
     assert t.kinds[n9] == "guess:r0:1" and t.kinds[n5] == "guess:r1:1"  # rank buckets 1, 2
+
+
+def test_logitspec_next_trie_over_recent_occurrences():
+    # "0 7" occurred 4 times, followed by 1 2 / 1 3 / 1 2 / 5 6 6 0: the latest occurrence's branch
+    # is the deepest; each node's kind carries the share of the (up to `recent`) latest occurrences.
+    index = SuffixIndex([0, 7, 1, 2, 0, 7, 1, 3, 0, 7, 1, 2, 0, 7, 5, 6, 6, 0])
+    t = LogitSpecDrafter(guesses=0, next_tokens=4, recent=4).propose(index, 7, [])
+    n1, n5 = t.children(0)[1], t.children(0)[5]
+    assert list(t.children(0)) == [5, 1]  # the latest occurrence first
+    assert chain_below(t, n5) == [6, 6, 0]  # 4 tokens deep for the latest
+    assert set(t.children(n1)) == {2, 3}  # the others 2 deep: "1 2" / "1 3"
+    assert t.kinds[n5] == "next:m1:s0:1"  # a 2-token match; 1 of 4 occurrences: share 0.25
+    assert t.kinds[n1] == "next:m1:s2:1"  # 3 of 4: share 0.75
+    assert t.kinds[t.children(n1)[2]] == "next:m1:s1:2"  # 2 of 4
+    # only the 2 latest occurrences
+    t2 = LogitSpecDrafter(guesses=0, next_tokens=4, recent=2).propose(index, 7, [])
+    assert set(t2.children(0)) == {5, 1} and set(t2.children(t2.children(0)[1])) == {2}
+
+
+def test_logitspec_echoes_are_branches_under_the_root():
+    index = SuffixIndex([1, 2, 3, 4, 2, 9, 8, 1, 2])
+    d = LogitSpecDrafter(guesses=0, next_tokens=2, echoes=1)
+    t = d.propose(index, 3, [], echoes=[("t", [9]), ("s", [6, 7])])
+    assert set(t.children(0)) == {4, 9, 6}
+    n9, n6 = t.children(0)[9], t.children(0)[6]
+    # a lone prediction goes on with what followed "9" before; a walked chain stays as it is
+    assert chain_below(t, n9) == [8, 1, 2] and t.kinds[n9] == "echo:t0:1"
+    assert chain_below(t, n6) == [7] and t.kinds[n6] == "echo:s0:1"
+    assert t.kinds[t.children(n6)[7]] == "echo:s0:w:2"
+    assert "echo:t0:1" in d.openings(index, 3, [("t", [9])]) and "echo:t0:1" not in d.openings(index, 3, [])
 
 
 def test_logitspec_guess_lengths_follow_rank():

@@ -109,3 +109,42 @@ def test_proposals_skipped_when_no_node_could_pay(tiny_loaded, calibration, prop
     probes = steps // 32
     assert len(calls) == (steps - probes if proposes else 0)
     assert seq.output == engine.generate(prompt, SamplingParams(), 12).output
+
+
+def test_echoes_come_from_rejected_nodes_at_or_holding_the_new_root():
+    import torch
+    from types import SimpleNamespace
+
+    from decoding.drafters import LogitSpecDrafter
+    from decoding.tree import DraftTree
+
+    # root 5 -> 7 (accepted) -> 9 (rejected); root 5 -> 8 -> 4 -> 2 (rejected: 8 is not what
+    # follows 5); 7 -> 3 -> 8 (rejected, deeper)
+    tree = DraftTree.root(5)
+    n7 = tree.add(0, 7, "a")
+    n7_9 = tree.add(n7, 9, "a")
+    n8 = tree.add(0, 8, "b")
+    n8_4 = tree.add(n8, 4, "b")
+    tree.add(n8_4, 2, "b")
+    n7_3 = tree.add(n7, 3, "c")
+    deep8 = tree.add(n7_3, 8, "c")
+    best = [7, 8, 5, 4, 1, 0, 8, 6]  # per node; after 7 the target says 8: 8 is the new root
+    logits = torch.full((len(tree), 10), -1.0)
+    logits[torch.arange(len(tree)), torch.tensor(best)] = 1.0
+    seq = SimpleNamespace(root=8, drafter=LogitSpecDrafter(echoes=4), echoes=[])
+    # Nodes holding 8: under n8 the target agreed with 4 (then said 1, not 2), so its echo is
+    # 4 1; deep8's is 6. Nodes where 8 now sits (the rejected children of 7): 9 predicts 5; 3
+    # predicts 8, which is its child, which predicts 6.
+    expected = [("t", [4, 1]), ("t", [6]), ("s", [best[n7_9]]), ("s", [8, 6])]
+    Engine._keep_echoes(seq, tree, [0, n7], logits, None)
+    assert seq.echoes == expected
+    Engine._keep_echoes(seq, tree, [0, n7], logits, best)
+    assert seq.echoes == expected
+    seq.drafter = LogitSpecDrafter(echoes=1)  # at most 1 of each
+    Engine._keep_echoes(seq, tree, [0, n7], logits, best)
+    assert seq.echoes == [("t", [4, 1]), ("s", [5])]
+    seq.root = 1  # no rejected node holds the new root: the siblings' predictions only
+    Engine._keep_echoes(seq, tree, [0, n7], logits, best)
+    assert seq.echoes == [("s", [5])]
+    Engine._keep_echoes(seq, tree, [0, n7, n7_3, deep8], logits, best)  # nothing rejected below deep8
+    assert seq.echoes == []

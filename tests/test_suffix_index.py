@@ -83,6 +83,26 @@ def test_continuations_literal(text: list[int], context: list[int], max_tokens: 
     assert SuffixIndex(text).continuations(context, max_tokens, max_branches) == expected
 
 
+@pytest.mark.parametrize(
+    ("text", "context", "expected"),
+    [
+        (TEXT, [1, 2], (2, [1, 4])),  # [1,2] also ends at 7, the last token: nothing follows it
+        (TEXT, [1], (1, [0, 3, 6])),
+        (TEXT, [5, 2, 4], (2, [5])),
+        (TEXT, [9], (0, [])),
+        ([7, 7, 7, 7], [7, 7], (2, [1, 2])),
+    ],
+)
+def test_occurrences_literal(text: list[int], context: list[int], expected: tuple[int, list[int]]) -> None:
+    assert SuffixIndex(text).occurrences(context) == expected
+
+
+def test_occurrences_limit() -> None:
+    text = [3, 1] * 50 + [2]
+    m, ends = SuffixIndex(text).occurrences([3, 1], limit=4)
+    assert m == 2 and len(ends) == 4 and ends == sorted(ends) and all(text[e - 1:e + 1] == [3, 1] for e in ends)
+
+
 def test_count_cap() -> None:
     idx = SuffixIndex([7] * 10)
     assert idx.continuations([7], 2, 4) == [([7, 7], 9)]
@@ -199,6 +219,14 @@ def oracle_continuations(text: list[int], context: list[int], max_tokens: int,
             for c in order[:max_branches]]
 
 
+def oracle_occurrences(text: list[int], context: list[int], max_match: int) -> tuple[int, list[int]]:
+    ln, _ = oracle_match(text, context, max_match)
+    if ln == 0:
+        return 0, []
+    s = context[-ln:]
+    return ln, [i + ln - 1 for i in range(len(text) - ln) if text[i:i + ln] == s]
+
+
 def random_context(rng: random.Random, text: list[int], alphabet: int) -> list[int]:
     kind = rng.random()
     if text and kind < 0.5:
@@ -225,6 +253,11 @@ def check_queries(rng: random.Random, idx: SuffixIndex, text: list[int],
         followers = [rng.randrange(alphabet + 1) for _ in range(rng.randrange(4))]
         assert idx.match_after(ctx, followers, max_match) == \
             [oracle_match(text, ctx + [t], max_match) for t in followers], (text, ctx, followers, max_match)
+        m, ends = oracle_occurrences(text, ctx, max_match)
+        assert idx.occurrences(ctx, max_match) == (m, ends), (text, ctx, max_match)
+        limit = rng.choice([1, 2, 5])
+        got_m, got = idx.occurrences(ctx, max_match, limit)
+        assert got_m == m and len(got) == min(limit, len(ends)) and set(got) <= set(ends) and got == sorted(got)
         ln, start = expected
         cont = text[start:start + max_tokens] if ln and max_tokens > 0 else []
         assert idx.continuation(ctx, max_tokens, max_match) == cont
