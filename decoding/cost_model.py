@@ -15,8 +15,8 @@ from decoding.tree import DraftTree
 class AcceptanceStats:
     """Decayed accept/offer counts per node kind, shrunk towards coarser kinds while data is thin.
 
-    A kind reads "family:detail...:depth" (e.g. "next0:m2:3"). Its estimate is pulled towards its
-    coarse kind "family:depth", whose estimate is pulled towards `prior`, so a rare kind starts
+    A kind reads "family:detail...:depth" (e.g. "next:m2:s3:3"). Its estimate is pulled towards its
+    coarse kind (see coarse), whose estimate is pulled towards `prior`, so a rare kind starts
     from what its family has shown instead of from an arbitrary constant.
     """
 
@@ -30,7 +30,13 @@ class AcceptanceStats:
 
     @staticmethod
     def coarse(kind: str) -> str:
+        """The kind without its finer details: "next:m2:s3:5" -> "next:m2:5", "pld:m2:5" ->
+        "pld:5". The first detail stays, so that a failing sub-family (retrievals after a 1-token
+        match) does not drag down untried siblings (the same after a long match) below what they
+        would need to be proposed at all: a kind that is never proposed never gets corrected."""
         parts = kind.split(":")
+        if len(parts) > 3:
+            return f"{parts[0]}:{parts[1]}:{parts[-1]}"
         return f"{parts[0]}:{parts[-1]}" if len(parts) > 2 else kind
 
     def _shrunk(self, kind: str, toward: float) -> float:

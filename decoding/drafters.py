@@ -109,7 +109,7 @@ class LogitSpecDrafter:
     name = "logitspec"
 
     def __init__(self, guesses: int = 48, next_tokens: int = 48, recent: int = 16, max_match: int = 32,
-                 echoes: int = 16, search: int = 256):
+                 echoes: int = 4, search: int = 256):
         self.guesses = guesses
         self.next_tokens = next_tokens  # depth of the latest occurrence's branch; the others get half
         self.recent = recent  # occurrences in the next-token trie

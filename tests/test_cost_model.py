@@ -108,3 +108,19 @@ def test_margin_keeps_marginal_drafts_out():
     assert c.choose([[0.12]], [1]) == [0]
     assert c.choose([[0.2]], [1]) == [1]  # 1.2 / 1.1 = +9%: clears the margin
     assert c.break_even() == pytest.approx(0.05 / 16 + 0.105)  # best case: 16 such nodes
+
+
+def test_coarse_kind_keeps_the_first_detail():
+    from decoding.cost_model import AcceptanceStats
+
+    assert AcceptanceStats.coarse("next:m2:s3:5") == "next:m2:5"
+    assert AcceptanceStats.coarse("h.guess:r0:m1:3") == "h.guess:r0:3"
+    assert AcceptanceStats.coarse("pld:m2:5") == "pld:5"
+    assert AcceptanceStats.coarse("guess:r1:1") == "guess:1"
+    assert AcceptanceStats.coarse("guess:1") == "guess:1"
+    # a failing sub-family does not condemn an untried sibling sub-family
+    stats = AcceptanceStats()
+    for _ in range(50):
+        stats.kinds.setdefault("next:m0:s0:1", [0.0, 0.0])[0] += 1
+        stats.kinds.setdefault("next:m0:1", [0.0, 0.0])[0] += 1
+    assert stats.p("next:m0:s1:1") < 0.05 and stats.p("next:m3:s1:1") == stats.prior
