@@ -123,10 +123,23 @@ class LogitSpecDrafter:
     def guess_length(rank: int) -> int:
         return 4 if rank <= 8 else 3 if rank <= 32 else 1
 
+    @staticmethod
+    def _echo_kind(tag: str, rank: int) -> str:
+        return f"echo:{tag}{min(rank, 2)}"
+
+    @staticmethod
+    def _add_retrieved(tree: DraftTree, node: int, tokens: list[int], start: int, length: int,
+                       match_len: int, kind: str) -> None:
+        """Hang `length` tokens of what followed a retrieval (text from `start`) under the depth-1
+        node of a next-next candidate (a guess or an echo)."""
+        chain = tokens[start:start + length]
+        m = min(_bucket(match_len, MATCH_EDGES), 2)
+        tree.add_chain(node, chain, [f"{kind}:m{m}:{d}" for d in range(2, len(chain) + 2)])
+
     def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[str]:
         kinds = [f"guess:r{_bucket(1, RANK_EDGES)}:1"] if self.guesses else []
-        kinds += list(dict.fromkeys(f"echo:{tag}{min(i, 2)}:1" for tag in "ts"
-                                    for i, _ in enumerate(e for t, e in echoes if t == tag)))
+        kinds += [f"{self._echo_kind(tag, rank)}:1" for tag in "ts"
+                  for rank in range(min(3, sum(t == tag for t, _ in echoes)))]
         match_len, _ = index.match(index.tokens[-(self.max_match - 1):] + [x0], self.max_match)
         if match_len:
             m = _bucket(match_len, MATCH_EDGES)
@@ -158,16 +171,13 @@ class LogitSpecDrafter:
         firsts = [e[0] for _, e in echoes]
         rank = {"t": 0, "s": 0}
         for (tag, echo), (match_len, start) in zip(echoes, index.match_after(after, firsts, self.max_match)):
-            kind = f"echo:{tag}{min(rank[tag], 2)}"
+            kind = self._echo_kind(tag, rank[tag])
             rank[tag] += 1
             tree.add_chain(0, echo, [f"{kind}:{d}" if d == 1 else f"{kind}:w:{d}" for d in range(1, len(echo) + 1)])
             self.lookups["echo"][0] += 1
             if match_len and len(echo) == 1:  # a lone prediction goes on with what followed it before
                 self.lookups["echo"][1] += 1
-                node = tree.children(0)[echo[0]]
-                chain = tokens[start:start + 4]
-                m = min(_bucket(match_len, MATCH_EDGES), 2)
-                tree.add_chain(node, chain, [f"{kind}:m{m}:{d}" for d in range(2, len(chain) + 2)])
+                self._add_retrieved(tree, tree.children(0)[echo[0]], tokens, start, 4, match_len, kind)
         guesses = [t for t in guesses if t != x0]
         for rank, (t, (match_len, start)) in enumerate(
                 zip(guesses, index.match_after(after, guesses, self.max_match)), 1):
@@ -177,9 +187,7 @@ class LogitSpecDrafter:
             counter[0] += 1
             if match_len:
                 counter[1] += 1
-                chain = tokens[start:start + self.guess_length(rank)]
-                m = min(_bucket(match_len, MATCH_EDGES), 2)
-                tree.add_chain(node, chain, [f"guess:r{r}:m{m}:{d}" for d in range(2, len(chain) + 2)])
+                self._add_retrieved(tree, node, tokens, start, self.guess_length(rank), match_len, f"guess:r{r}")
         return tree
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 
 class SuffixIndex:
@@ -198,17 +198,14 @@ class SuffixIndex:
         v, m = self._match_state(context, max_match)
         if not v:
             return 0, []
-        children = self._children
-        is_clone = self._is_clone
         firstpos = self._firstpos
         last_idx = len(self._tokens) - 1
         ends: list[int] = []
-        stack = [v]
-        while stack and len(ends) < limit:
-            u = stack.pop()
-            if not is_clone[u] and firstpos[u] < last_idx:
+        for u in self._prefix_states(v):
+            if len(ends) >= limit:
+                break
+            if firstpos[u] < last_idx:
                 ends.append(firstpos[u])
-            stack.extend(children[u])
         ends.sort()
         return m, ends
 
@@ -223,19 +220,24 @@ class SuffixIndex:
         start = self._firstpos[v] + 1
         return self._tokens[start:start + max_tokens]
 
-    def _count(self, s: int, cap: int) -> int:
-        """Occurrences of state s (non-clone states in its link subtree), up to cap."""
+    def _prefix_states(self, s: int) -> Iterator[int]:
+        """The non-clone states in s's suffix-link subtree: one per end position of s's strings."""
         children = self._children
         is_clone = self._is_clone
-        total = 0
         stack = [s]
         while stack:
             u = stack.pop()
             if not is_clone[u]:
-                total += 1
-                if total >= cap:
-                    return cap
+                yield u
             stack.extend(children[u])
+
+    def _count(self, s: int, cap: int) -> int:
+        """Occurrences of state s (non-clone states in its link subtree), up to cap."""
+        total = 0
+        for _ in self._prefix_states(s):
+            total += 1
+            if total >= cap:
+                return cap
         return total
 
     def continuations(self, context: Sequence[int], max_tokens: int, max_branches: int,
