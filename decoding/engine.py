@@ -241,7 +241,7 @@ class Engine:
         seed = params.seed if params.seed is not None else int(torch.randint(0, 2**62, ()))
         seq = Sequence(prompt=list(prompt), params=params, max_new_tokens=max_new_tokens,
                        stop_ids=self.stop_ids, index=index if index is not None else SuffixIndex(),
-                       generator=make_generator(params), seed=seed, logprobs=logprobs,
+                       generator=make_generator(params, self.device), seed=seed, logprobs=logprobs,
                        drafter=self.drafters[method] if method else self.drafter)
         seq.index.extend(prompt)
         seq.slot = self.cache.allocate()
@@ -299,9 +299,9 @@ class Engine:
         if seq.params.greedy:
             token = int(logits.argmax())
         elif self.config.sampler == "coupled":
-            token = coupled_sample(logits, seq.params, seq.seed, seq.past_len)
+            token = int(coupled_sample(logits, seq.params, seq.seed, seq.past_len))
         else:
-            token = sample(processed_probs(logits[None], seq.params)[0], seq.generator)
+            token = int(sample(processed_probs(logits[None], seq.params)[0], seq.generator))
         self._set_root(seq, token, logits)
 
     def _set_root(self, seq: Sequence, token: int, logits: torch.Tensor) -> None:

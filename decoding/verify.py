@@ -49,18 +49,26 @@ class SamplingParams:
         return self.temperature == 0.0
 
 
-def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
-    """[vocab] Gumbel(0, 1) noise that depends only on (seed, position)."""
-    g = torch.Generator().manual_seed((seed * 0x9E3779B97F4A7C15 + position) % (2**63 - 1))
-    u = torch.rand(vocab, generator=g, dtype=torch.float64).clamp_(min=1e-300)
+def generator(device: torch.device | str, seed: int) -> torch.Generator:
+    """A generator on `device`: torch draws with a generator only on the generator's own device
+    (a CPU generator with CUDA tensors fails), and CPU and CUDA generators are different
+    algorithms (MT19937, Philox), so the same seed gives different numbers on each."""
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def gumbel_noise(seed: int, position: int, vocab: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """[vocab] Gumbel(0, 1) noise on `device` that depends only on (seed, position) and the device."""
+    g = generator(device, (seed * 0x9E3779B97F4A7C15 + position) % (2**63 - 1))
+    u = torch.rand(vocab, generator=g, dtype=torch.float64, device=device).clamp_(min=1e-300)
     return -torch.log(-torch.log(u))
 
 
-def coupled_sample(logits: torch.Tensor, params: SamplingParams, seed: int, position: int) -> int:
-    """The token at `position`: Gumbel-max over the processed distribution of `logits` [vocab]."""
+def coupled_sample(logits: torch.Tensor, params: SamplingParams, seed: int, position: int) -> torch.Tensor:
+    """The token at `position` (0-dim tensor on the logits' device): Gumbel-max over the processed
+    distribution of `logits` [vocab]. Reading it (int()) is left to the caller."""
     probs = processed_probs(logits[None], params)[0].double()
-    noise = gumbel_noise(seed, position, probs.shape[-1])
-    return int((probs.log() + noise).argmax())
+    noise = gumbel_noise(seed, position, probs.shape[-1], probs.device)
+    return (probs.log() + noise).argmax()
 
 
 def verify_coupled(tree: DraftTree, logits: torch.Tensor, params: SamplingParams, seed: int,
@@ -68,7 +76,7 @@ def verify_coupled(tree: DraftTree, logits: torch.Tensor, params: SamplingParams
     """Accepted node indices and the next token; node i decides sequence position past_len + depth + 1."""
     node, path = 0, [0]
     while True:
-        token = coupled_sample(logits[node], params, seed, past_len + tree.depths[node] + 1)
+        token = int(coupled_sample(logits[node], params, seed, past_len + tree.depths[node] + 1))
         child = tree.children(node).get(token)
         if child is None:
             return path, token
@@ -76,12 +84,11 @@ def verify_coupled(tree: DraftTree, logits: torch.Tensor, params: SamplingParams
         path.append(node)
 
 
-def make_generator(params: SamplingParams) -> torch.Generator | None:
+def make_generator(params: SamplingParams, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """The specinfer sampler's generator for one sequence, on the device its logits live on."""
     if params.greedy:
         return None
-    g = torch.Generator()
-    g.manual_seed(params.seed if params.seed is not None else torch.seed())
-    return g
+    return generator(device, params.seed if params.seed is not None else torch.seed())
 
 
 def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -101,8 +108,14 @@ def processed_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
     return probs
 
 
-def sample(probs: torch.Tensor, generator: torch.Generator | None) -> int:
-    return int(torch.multinomial(probs, 1, generator=generator))
+def sample(probs: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """One draw from `probs` [vocab]: a 1-element tensor on the probabilities' device."""
+    return torch.multinomial(probs, 1, generator=generator)
+
+
+def uniform(generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """A U(0, 1) draw (0-dim) on `device`, for accepting a drafted child."""
+    return torch.rand((), generator=generator, device=device)
 
 
 def verify_greedy(tree: DraftTree, logits: torch.Tensor, best: list[int] | None = None) -> tuple[list[int], int]:
@@ -126,7 +139,7 @@ def verify_sampling(tree: DraftTree, logits: torch.Tensor, params: SamplingParam
         for token, child in children.items():
             total = float(residual.sum())
             p = float(residual[token]) / total if total > 0 else 0.0
-            if p > 0.0 and float(torch.rand((), generator=generator)) < p:
+            if p > 0.0 and float(uniform(generator, residual.device)) < p:
                 node = child
                 path.append(node)
                 break
@@ -134,4 +147,4 @@ def verify_sampling(tree: DraftTree, logits: torch.Tensor, params: SamplingParam
         else:
             if float(residual.sum()) <= 0.0:  # every token with mass was drafted and rejected
                 residual = processed_probs(logits[node:node + 1], params)[0]
-            return path, sample(residual, generator)
+            return path, int(sample(residual, generator))
