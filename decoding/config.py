@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 METHODS = ("ar", "pld", "logitspec")
 SAMPLERS = ("coupled", "specinfer")
+ATTENTION = ("auto", "batched", "per-sequence")
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
@@ -23,6 +24,11 @@ class EngineConfig:
     prefill_chunk: int = 512
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     sampler: str = "coupled"  # lossless sampling verifier: coupled (seed-reproducible) or specinfer
+    # Attention calls per layer: one for the whole batch, one per sequence, or auto (batched on a
+    # GPU; on a CPU batched unless padding would more than double the query rows).
+    attention: str = "auto"
+    # torch.compile the layers' dense parts. Off until measured on a GPU (bench/gpu_check.sh).
+    compile: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -36,6 +42,8 @@ class EngineConfig:
                 raise ValueError(f"{name} must be >= 1")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"sampler must be one of {', '.join(SAMPLERS)}, got {self.sampler!r}")
+        if self.attention not in ATTENTION:
+            raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
         if not 0.0 <= self.draft_margin <= 1.0:
             raise ValueError("draft_margin must be between 0 and 1")
         if self.threads < 0:

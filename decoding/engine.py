@@ -103,6 +103,7 @@ class StepTimes:
     verify: float = 0.0
     prefill: float = 0.0
     steps: int = 0
+    attention_calls: int = 0  # attention calls in decoding steps' forwards, all layers counted
 
     @property
     def decode_total(self) -> float:
@@ -132,6 +133,9 @@ class Engine:
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
         self.model = model or Model(self.loaded.hf_config, self.loaded.state, self.device, self.dtype)
+        self.model.attention_mode = config.attention
+        if config.compile:
+            self.model.compile()
         max_len = min(config.max_context, self.model.config.max_position)
         self.cache = self.model.new_cache(config.max_batch, max_len)
         # One drafter per method; a sequence picks one when it starts (default: config.method).
@@ -291,7 +295,9 @@ class Engine:
 
     def stop_sequence(self, seq: Sequence) -> None:
         if seq.slot >= 0:
-            self.cache.release(seq.slot)
+            # A sequence that did not end normally (failed, cancelled, prefill error) may have left
+            # non-finite K/V behind; the next occupant's batched attention would read them.
+            self.cache.release(seq.slot, scrub=seq.finish_reason not in ("stop", "length"))
             seq.slot = -1
 
     def _decide_root(self, seq: Sequence, logits: torch.Tensor) -> None:
@@ -373,8 +379,10 @@ class Engine:
             sized = self._size_trees(live, sized)
         t1 = time.perf_counter()
         mask_before, forwards_before = self.times.mask, self._forwards
+        calls_before = self.model.attention_calls
         verified = self._forward_trees(live, sized)  # (tree as verified, its logits rows or None)
         t3 = time.perf_counter()
+        self.times.attention_calls += self.model.attention_calls - calls_before
         emitted: dict[int, list[int]] = {}
         for seq, (tree, rows) in zip(live, verified):
             if rows is None:

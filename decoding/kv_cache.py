@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import heapq
+
 import torch
 
 
@@ -23,7 +25,13 @@ class KVCache:
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.num_slots = num_slots
         self.max_len = max_len
-        self._free = list(range(num_slots - 1, -1, -1))
+        # Per slot: cells below this hold finite values in every layer (written or zeroed). A
+        # batched attention call reads cells past a sequence's own length (masked, but a masked
+        # NaN still poisons the product), and torch.empty leaves them as whatever memory held.
+        self._finite = [0] * num_slots
+        # A heap: the lowest free slot is handed out first, so running sequences sit in few
+        # neighbouring slots and the batched attention's strided view over them wastes little.
+        self._free = list(range(num_slots))
 
     @property
     def free_slots(self) -> int:
@@ -36,12 +44,27 @@ class KVCache:
     def allocate(self) -> int:
         if not self._free:
             raise RuntimeError("no free KV slot")
-        return self._free.pop()
+        return heapq.heappop(self._free)
 
-    def release(self, slot: int) -> None:
+    def release(self, slot: int, scrub: bool = False) -> None:
+        """scrub: the slot may hold non-finite K/V (its sequence failed); zero it before reuse."""
         if slot in self._free or not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} is not allocated")
-        self._free.append(slot)
+        if scrub:
+            self._finite[slot] = 0
+        heapq.heappush(self._free, slot)
+
+    def make_finite(self, slot: int, length: int) -> None:
+        """Zero cells [.., length) of `slot` that were never written. Every forward calls this for
+        what it will write or read before writing, so a cell holding K/V is always below the mark
+        and each cell is zeroed at most once (memory is still committed only as it is used)."""
+        start = self._finite[slot]
+        if start >= length:
+            return
+        for k, v in zip(self.k, self.v):
+            k[slot, :, start:length].zero_()
+            v[slot, :, start:length].zero_()
+        self._finite[slot] = length
 
     def keep(self, slot: int, past_len: int, accepted: list[int]) -> None:
         """Move tree rows `accepted` (indices into the last forward's new tokens, ascending) to the front."""

@@ -67,6 +67,107 @@ class SeqBatchEntry:
     tree_mask: torch.Tensor | None  # [n, n] bool, None = causal among the new tokens
 
 
+@dataclass(slots=True)
+class AttentionPlan:
+    """How one forward's rows meet the KV cache, worked out once and shared by every layer.
+
+    Every new row's K/V go to (slot, position) in one indexed write per layer. Attention then runs
+    either as one call for the whole batch (`batched`): the queries padded to [slots, n_max] over
+    the cache's slots lo..hi as a strided view (no copy), with a [slots, 1, n_max, L_max] mask that
+    lets each row see its own slot's past and its tree ancestors; or as one call per sequence.
+    """
+
+    row_slot: torch.Tensor  # [N] cache slot of each new row
+    row_pos: torch.Tensor  # [N] its position in the slot
+    batched: bool
+    lo: int = 0  # batched: slots lo..lo + slots - 1 are viewed
+    slots: int = 0
+    n_max: int = 0
+    l_max: int = 0
+    q_index: torch.Tensor | None = None  # [N] batched: each row's place in the padded [slots * n_max] queries
+    mask: torch.Tensor | None = None  # [slots, 1, n_max, l_max] bool (batched) ...
+    masks: list[torch.Tensor | None] | None = None  # ... or per sequence [n, past + n] (None: one row)
+
+    @property
+    def calls(self) -> int:
+        """Attention calls per layer."""
+        return 1 if self.batched else len(self.masks)
+
+    def cells(self, batch: list[SeqBatchEntry]) -> list[tuple[int, int]]:
+        """(slot, length): the cache cells this forward writes or reads, per slot."""
+        if self.batched:
+            return [(s, self.l_max) for s in range(self.lo, self.lo + self.slots)]
+        return [(e.slot, e.past_len + e.n) for e in batch]
+
+
+def plan_attention(batch: list[SeqBatchEntry], device: torch.device, mode: str = "auto") -> AttentionPlan:
+    """mode auto: one batched call on an accelerator (per-sequence calls are launch-bound there); on
+    a CPU, batched unless padding would more than double the query rows (measured on a 2-core CPU:
+    the batched call wins for plain steps, per-sequence calls for one large tree among single rows,
+    where padding every sequence to the tree's size costs more than the calls it saves)."""
+    rows = sum(e.n for e in batch)
+    row_slot = torch.tensor([e.slot for e in batch for _ in range(e.n)])
+    row_pos = torch.tensor([e.past_len + i for e in batch for i in range(e.n)])
+    lo = min(e.slot for e in batch)
+    slots = max(e.slot for e in batch) - lo + 1
+    n_max = max(e.n for e in batch)
+    if mode == "auto":
+        batched = device.type != "cpu" or slots * n_max <= 2 * rows
+    else:
+        batched = mode == "batched"
+    if not batched:
+        masks = []
+        for e in batch:
+            if e.tree_mask is None and e.n == 1:
+                masks.append(None)
+                continue
+            m = torch.ones(e.n, e.past_len + e.n, dtype=torch.bool)
+            m[:, e.past_len:] = e.tree_mask if e.tree_mask is not None else torch.ones(e.n, e.n, dtype=torch.bool).tril_()
+            masks.append(m.to(device))
+        return AttentionPlan(row_slot.to(device), row_pos.to(device), False, masks=masks)
+    l_max = max(e.past_len + e.n for e in batch)
+    mask = torch.zeros(slots, 1, n_max, l_max, dtype=torch.bool)
+    mask[:, 0, :, 0] = True  # padding rows see one cell, so no row is all -inf (their output is dropped)
+    q_index = []
+    for e in batch:
+        s = e.slot - lo
+        q_index.extend(range(s * n_max, s * n_max + e.n))
+        m = mask[s, 0, :e.n]
+        m[:, :e.past_len] = True
+        m[:, e.past_len:e.past_len + e.n] = (e.tree_mask if e.tree_mask is not None
+                                             else torch.ones(e.n, e.n, dtype=torch.bool).tril_())
+    return AttentionPlan(row_slot.to(device), row_pos.to(device), True, lo, slots, n_max, l_max,
+                         torch.tensor(q_index, device=device), mask.to(device))
+
+
+def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: list[SeqBatchEntry],
+              plan: AttentionPlan) -> torch.Tensor:
+    """q: [N, heads, hd] for the new rows, whose K/V are already in the cache ([slots, kv_heads,
+    max_len, hd]); returns [N, heads * hd]."""
+    n_rows, heads, hd = q.shape
+    if plan.batched:
+        padded = q.new_zeros(plan.slots * plan.n_max, heads, hd)
+        padded[plan.q_index] = q
+        view = slice(plan.lo, plan.lo + plan.slots)
+        o = F.scaled_dot_product_attention(
+            padded.view(plan.slots, plan.n_max, heads, hd).transpose(1, 2),  # [slots, heads, n_max, hd]
+            k_cache[view, :, :plan.l_max], v_cache[view, :, :plan.l_max],  # [slots, kv_heads, l_max, hd]
+            attn_mask=plan.mask, enable_gqa=True,
+        )  # [slots, heads, n_max, hd]
+        return o.transpose(1, 2).reshape(plan.slots * plan.n_max, heads * hd)[plan.q_index]
+    outs, start = [], 0
+    for e, mask in zip(batch, plan.masks):
+        end, total = start + e.n, e.past_len + e.n
+        o = F.scaled_dot_product_attention(
+            q[start:end].transpose(0, 1).unsqueeze(0),  # [1, heads, n, hd]
+            k_cache[e.slot, :, :total].unsqueeze(0), v_cache[e.slot, :, :total].unsqueeze(0),
+            attn_mask=mask, enable_gqa=True,
+        )  # [1, heads, n, hd]
+        outs.append(o[0].transpose(0, 1).reshape(e.n, heads * hd))
+        start = end
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
 def rope_inv_freq(hf: dict, head_dim: int) -> tuple[torch.Tensor, float]:
     """Inverse frequencies and attention scaling, delegating non-default RoPE types to transformers."""
     params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
@@ -149,6 +250,10 @@ class Model:
                 Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])),  # [2 inter, hidden]
                 Linear(w(p + "mlp.down_proj.weight")),
             ))
+        self._qkv, self._mlp = self._qkv_eager, self._mlp_eager  # compile() replaces them
+        # Attention calls per layer: batched, per-sequence or auto (see plan_attention).
+        self.attention_mode = "auto"
+        self.attention_calls = 0  # attention calls run so far, all layers counted
         inv_freq, self.rope_scaling = rope_inv_freq(hf_config, cfg.head_dim)
         self.inv_freq = inv_freq.to(device)  # [head_dim / 2]
 
@@ -174,6 +279,35 @@ class Model:
         rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
         return x * cos + rotated * sin
 
+    def _qkv_eager(self, x: torch.Tensor, layer: tuple, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, hidden] -> rotated q [N, heads, hd], k [N, kv_heads, hd] and v [N, kv_heads, hd]."""
+        c = self.config
+        q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        ln1, qkv_proj = layer[0], layer[1]
+        qkv = qkv_proj(self._rms_norm(x, ln1))  # [N, q + 2 kv]
+        q = qkv[:, :q_size].view(-1, c.num_heads, c.head_dim)
+        k = qkv[:, q_size:q_size + kv_size].view(-1, c.num_kv_heads, c.head_dim)
+        v = qkv[:, q_size + kv_size:].view(-1, c.num_kv_heads, c.head_dim)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
+
+    def _mlp_eager(self, x: torch.Tensor, attn: torch.Tensor, layer: tuple) -> torch.Tensor:
+        """The rest of the layer: output projection, residual, norm, SwiGLU MLP, residual."""
+        _, _, o_proj, ln2, gate_up_proj, down_proj = layer
+        x = x + o_proj(attn)
+        gate, up = gate_up_proj(self._rms_norm(x, ln2)).chunk(2, dim=-1)
+        return x + down_proj(F.silu(gate) * up)
+
+    def compile(self) -> None:
+        """torch.compile the layers' dense parts (everything but the attention call, whose batch
+        layout changes every step), with a dynamic row count so one graph serves every size.
+        Meant for GPUs; inductor cannot lower CPU fp32's prepacked oneDNN weights."""
+        if self.lm_head.packed:
+            raise ValueError("compile does not work with the prepacked CPU float32 linears: use it on CUDA "
+                             "(or with dtype bfloat16 on a CPU, for testing)")
+        self._qkv = torch.compile(self._qkv_eager, dynamic=True)
+        self._mlp = torch.compile(self._mlp_eager, dynamic=True)
+
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, batch: list[SeqBatchEntry],
                 cache: KVCache, logit_rows: torch.Tensor | None = None) -> torch.Tensor:
@@ -182,53 +316,20 @@ class Model:
         tokens, positions: [N] with the sequences' rows concatenated in `batch` order.
         logit_rows: which rows get logits (all when None). Returns fp32 logits [len(logit_rows), vocab].
         """
-        c = self.config
-        n_q, n_kv, hd = c.num_heads, c.num_kv_heads, c.head_dim
-        q_size, kv_size = n_q * hd, n_kv * hd
         cos, sin = self._rope(positions)
         x = self.embed[tokens]  # [N, hidden]
 
-        # Masks depend only on the batch layout, so build them once for all layers.
-        masks = []
-        for e in batch:
-            if e.tree_mask is None and e.n == 1:
-                masks.append(None)
-                continue
-            m = torch.ones(e.n, e.past_len + e.n, dtype=torch.bool, device=self.device)
-            new = e.tree_mask if e.tree_mask is not None else torch.ones(
-                e.n, e.n, dtype=torch.bool, device=self.device).tril_()
-            m[:, e.past_len:] = new
-            masks.append(m)
+        plan = plan_attention(batch, self.device, self.attention_mode)
+        self.attention_calls += plan.calls * len(self.layers)
+        for slot, length in plan.cells(batch):
+            cache.make_finite(slot, length)
 
-        for layer_idx, (ln1, qkv_proj, o_proj, ln2, gate_up_proj, down_proj) in enumerate(self.layers):
-            h = self._rms_norm(x, ln1)
-            qkv = qkv_proj(h)  # [N, q + 2 kv]
-            q = qkv[:, :q_size].view(-1, n_q, hd)
-            k = qkv[:, q_size:q_size + kv_size].view(-1, n_kv, hd)
-            v = qkv[:, q_size + kv_size:].view(-1, n_kv, hd)
-            q = self._rotate(q, cos, sin)
-            k = self._rotate(k, cos, sin)
-            k_cache, v_cache = cache.k[layer_idx], cache.v[layer_idx]  # [slots, kv_heads, max_len, hd]
-            outs = []
-            start = 0
-            for e, mask in zip(batch, masks):
-                end = start + e.n
-                total = e.past_len + e.n
-                k_cache[e.slot, :, e.past_len:total] = k[start:end].transpose(0, 1)
-                v_cache[e.slot, :, e.past_len:total] = v[start:end].transpose(0, 1)
-                o = F.scaled_dot_product_attention(
-                    q[start:end].transpose(0, 1).unsqueeze(0),  # [1, heads, n, hd]
-                    k_cache[e.slot, :, :total].unsqueeze(0),
-                    v_cache[e.slot, :, :total].unsqueeze(0),
-                    attn_mask=mask, enable_gqa=True,
-                )  # [1, heads, n, hd]
-                outs.append(o[0].transpose(0, 1).reshape(e.n, q_size))
-                start = end
-            attn = outs[0] if len(outs) == 1 else torch.cat(outs)
-            x = x + o_proj(attn)
-            h = self._rms_norm(x, ln2)
-            gate, up = gate_up_proj(h).chunk(2, dim=-1)
-            x = x + down_proj(F.silu(gate) * up)
+        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):  # caches: [slots, kv_heads, max_len, hd]
+            q, k, v = self._qkv(x, layer, cos, sin)  # [N, heads | kv_heads, hd]
+            k_cache[plan.row_slot, :, plan.row_pos] = k  # each row's K/V into its cell
+            v_cache[plan.row_slot, :, plan.row_pos] = v
+            attn = attention(q, k_cache, v_cache, batch, plan)  # [N, heads * hd]
+            x = self._mlp(x, attn, layer)
 
         if logit_rows is not None:
             x = x[logit_rows]

@@ -65,6 +65,13 @@ class EngineCollector:
                 hits.add_metric([kind], h)
         yield look
         yield hits
+        for name, help_, value in (
+                ("decode_steps", "Batched decoding steps run.", self.engine.times.steps),
+                ("decode_attention_calls", "Attention calls in decoding steps, all layers counted (per step: "
+                 "layers when the batch shares one call per layer).", self.engine.times.attention_calls)):
+            c = CounterMetricFamily(f"{PREFIX}_{name}", help_)
+            c.add_metric([], value)
+            yield c
         counts = self.scheduler.counts
         for name, help_, value in (
                 ("requests_running", "Sequences being decoded.", counts["running"] + counts["prefilling"]),

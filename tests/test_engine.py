@@ -148,3 +148,15 @@ def test_echoes_come_from_rejected_nodes_at_or_holding_the_new_root():
     assert seq.echoes == [("s", [5])]
     Engine._keep_echoes(seq, tree, [0, n7, n7_3, deep8], logits, best)  # nothing rejected below deep8
     assert seq.echoes == []
+
+
+@pytest.mark.parametrize("mode, calls_per_layer", [("auto", 1), ("per-sequence", 3)])
+def test_a_plain_batched_step_makes_one_attention_call_per_layer(tiny_loaded, mode, calls_per_layer):
+    engine = Engine(EngineConfig(method="ar", max_batch=4, max_context=128, adaptive=False), loaded=tiny_loaded)
+    engine.model.attention_mode = mode
+    seqs = [engine.start_sequence([2, 10 + i, 11, 12], SamplingParams(), 8) for i in range(3)]
+    before = engine.times.attention_calls
+    engine.step(seqs)
+    assert engine.times.attention_calls - before == calls_per_layer * engine.model.config.num_layers
+    for seq in seqs:
+        engine.stop_sequence(seq)

@@ -106,3 +106,50 @@ def test_unsupported_architecture_is_a_clear_error(tiny_loaded):
     hf = dict(tiny_loaded.hf_config, model_type="gpt2")
     with pytest.raises(ValueError, match="unsupported model architecture"):
         Model(hf, tiny_loaded.state, torch.device("cpu"), torch.float32)
+
+
+def mixed_step(model, cache):
+    """One decoding step as the engine builds it: a tree in slot 2, single rows in slots 0 and 3
+    (slot 1 idle), after prefilling each. Returns the step's logits."""
+    prompts = {0: [5, 17, 3], 2: [9, 41, 8, 60, 22], 3: [11, 12]}
+    for slot, p in prompts.items():
+        prefill(model, cache, slot, p)
+    t = DraftTree.root(7)
+    t.add(0, 30, "x")
+    n8 = t.add(0, 8, "x")
+    t.add(n8, 31, "x")
+    batch = [SeqBatchEntry(2, 5, len(t), t.attention_mask()), SeqBatchEntry(0, 3, 1, None),
+             SeqBatchEntry(3, 2, 1, None)]
+    tokens = torch.tensor(t.tokens + [44, 45])
+    positions = torch.tensor([5 + d for d in t.depths] + [3, 2])
+    return model.forward(tokens, positions, batch, cache)
+
+
+@pytest.mark.parametrize("mode", ["batched", "per-sequence"])
+def test_attention_modes_equal_separate_forwards(tiny_loaded, mode):
+    model = Model(tiny_loaded.hf_config, tiny_loaded.state, torch.device("cpu"), torch.float32)
+    reference = mixed_step(model, model.new_cache(4, 64))  # auto: per-sequence here (padding > 2x)
+    model.attention_mode = mode
+    calls = model.attention_calls
+    out = mixed_step(model, model.new_cache(4, 64))
+    assert torch.allclose(out, reference, atol=ATOL)
+    # the step's forward: 1 call per layer batched, 1 per sequence otherwise (prefills: 1 each)
+    assert model.attention_calls - calls == len(model.layers) * (3 + (1 if mode == "batched" else 3))
+
+
+def test_batched_attention_ignores_garbage_in_unused_cells(tiny_loaded):
+    """Cells a batched call reads but masks (past a sequence's length, idle slots) may hold
+    anything torch.empty left there; a NaN there would poison the whole row if read."""
+    model = Model(tiny_loaded.hf_config, tiny_loaded.state, torch.device("cpu"), torch.float32)
+    model.attention_mode = "batched"
+    reference = mixed_step(model, model.new_cache(4, 64))
+    cache = model.new_cache(4, 64)
+    for k, v in zip(cache.k, cache.v):
+        k.fill_(float("nan"))
+        v.fill_(float("inf"))
+    assert torch.equal(mixed_step(model, cache), reference)
+    # a failed sequence's slot may hold non-finite K/V: scrubbed on release, zeroed before reuse
+    slot = cache.allocate()  # slot 0: its cells up to the step's longest (9) are marked finite now
+    cache.k[0][slot, :, :9] = float("nan")
+    cache.release(slot, scrub=True)
+    assert torch.equal(mixed_step(model, cache), reference)
