@@ -21,13 +21,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, *args: str, env: dict | None = None):
+    def __init__(self, *args: str, env: dict | None = None, root: Path = ROOT):
+        """root: the checkout to run (another one, to compare builds)."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(ROOT / "out" / f"server-{self.port}.log", "w") if (ROOT / "out").exists() else subprocess.DEVNULL
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", "--port", str(self.port), *args],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
+            cwd=root, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, **(env or {})})
         deadline = time.time() + 180
         while time.time() < deadline:
             if self.proc.poll() is not None:
