@@ -2,7 +2,9 @@
 #   docker build -t logitspec .
 #   docker run --gpus all -p 8000:8000 logitspec
 #   docker run --gpus all -p 8000:8000 -v /models/my-llama:/models/m -e LOGITSPEC_MODEL=/models/m logitspec
-FROM nvidia/cuda:12.8.1-runtime-ubuntu24.04
+# torch's CUDA wheels bring their own CUDA libraries (torch 2.13.0 on PyPI: CUDA 13.0), so the base
+# needs no CUDA of its own; the host needs an NVIDIA driver for that CUDA (580 or newer for 13.0).
+FROM ubuntu:24.04
 
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
@@ -11,9 +13,13 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/venv
 
-# The CUDA build of torch from PyTorch's CUDA 12.8 wheel index, before the project, so that the
-# project's `torch>=2.5` requirement is already met by it.
-RUN pip install --index-url https://download.pytorch.org/whl/cu128 "torch==2.9.1"
+# The torch the tests run on (scripts/install.sh pins 2.13.0 there, as a CPU build), here as its
+# CUDA build, before the project so that the project's `torch>=2.5` is already met. PyPI's Linux
+# wheel of 2.13.0 is built for CUDA 13.0; for an older driver, set TORCH_INDEX to PyTorch's own
+# wheel index for an older CUDA (its cu128 folder), if it has this version.
+ARG TORCH_VERSION=2.13.0
+ARG TORCH_INDEX=
+RUN pip install ${TORCH_INDEX:+--index-url "$TORCH_INDEX"} "torch==${TORCH_VERSION}"
 
 WORKDIR /app
 COPY pyproject.toml README.md ./
