@@ -16,8 +16,10 @@ from server.settings import ServerSettings, keys_from_env
 ENGINE = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
 # A server decodes several sequences together; the engine's own default (one) suits generate and bench.
 SERVE_MAX_RUNNING = 8
-# generate is one-shot: a quick calibration when none is cached (serve and bench time the full one).
-GENERATE_CALIBRATION_ROUNDS = 1
+# generate is one-shot: a shorter calibration when none is cached (serve and bench time the full
+# one). Three rounds, not one: the median of three discards one disturbed round (on a busy machine a
+# single round once timed a 1-token forward at 1.2 s, 10x its median, which made every tree look free).
+GENERATE_CALIBRATION_ROUNDS = 3
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):

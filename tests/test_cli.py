@@ -49,7 +49,7 @@ def test_generate_and_bench_defaults_are_the_dataclasses_defaults(command):
     config = _config(args, args.method if command[0] == "generate" else "ar")
     if command[0] == "generate":
         # one-shot: a quick calibration when the cache has none (see decoding/calibration_cache.py)
-        assert config == EngineConfig(calibration_rounds=1)
+        assert config == EngineConfig(calibration_rounds=3)
         params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
         assert params == SamplingParams()
     else:
