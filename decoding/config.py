@@ -29,6 +29,10 @@ class EngineConfig:
     attention: str = "auto"
     # torch.compile the layers' dense parts. Off until measured on a GPU (bench/gpu_check.sh).
     compile: bool = False
+    # Start-up forward timings for tree sizing: rounds over the sizes (median per size kept), read
+    # from the per-machine cache when an entry has at least this many (decoding/calibration_cache.py).
+    calibration_rounds: int = 5
+    recalibrate: bool = False  # time the forwards again even when the cache has them
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -37,7 +41,7 @@ class EngineConfig:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
-        for name in ("max_batch", "max_context", "tree_capacity", "prefill_chunk"):
+        for name in ("max_batch", "max_context", "tree_capacity", "prefill_chunk", "calibration_rounds"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1")
         if self.sampler not in SAMPLERS:

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from decoding import calibration_cache
 from decoding.config import METHODS, EngineConfig
 from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes
 from decoding.drafters import Drafter, Echo, make_drafter
@@ -33,7 +34,6 @@ from decoding.verify import (SamplingParams, coupled_sample, make_generator, pro
 from retrieval.suffix_index import SuffixIndex
 
 CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
-CALIBRATION_ROUNDS = 5
 # Every PROBE_EVERY-th step drafts nothing: a plain step, timed as it runs among real traffic,
 # keeps the engine's figure for plain decoding honest (see Engine.plain_ratio).
 PROBE_EVERY = 32
@@ -175,13 +175,34 @@ class Engine:
         return frozenset(ids)
 
     def _calibrate(self) -> CostModel:
-        """Time forwards of 1..64 tokens at a realistic context so tree sizing starts informed."""
+        """Forward costs of 1..64 tokens, so tree sizing starts informed: read from the calibration
+        cache when this machine and model were timed before (`decoding/calibration_cache.py`), else
+        timed now and cached."""
         max_tokens = self.config.tree_capacity * self.config.max_batch
         room = self.cache.max_len // 2  # half the slot for context, half for the largest tree
         sizes = [n for n in CALIBRATION_SIZES if n <= min(max(self.config.tree_capacity, 2), room)] or [1]
+        past = max(1, min(256, self.cache.max_len - max(sizes)))
+        rounds = self.config.calibration_rounds
+        key = calibration_cache.calibration_key(self.loaded, self.device, self.dtype, sizes, past,
+                                                self.config.compile)
+        cached = None if self.config.recalibrate else calibration_cache.load(key, rounds)
+        if cached is not None:
+            seconds, entry = cached
+            source = f"cached {entry['measured_at']}, {entry['rounds']} rounds"
+        else:
+            t0 = time.perf_counter()
+            seconds = self._time_forwards(sizes, past, rounds)
+            path = calibration_cache.save(key, rounds, seconds)
+            source = (f"measured in {time.perf_counter() - t0:.1f} s, {rounds} rounds; "
+                      + (f"cached in {path}" if path else "cache folder not writable"))
+        log("forward cost vs tree size: " + ", ".join(
+            f"{n}:{1000 * s:.0f}ms" for n, s in seconds.items() if n in (1, 4, 8, 16, 32, 64)) + f" ({source})")
+        return CostModel(seconds, max_tokens, self.config.max_batch, margin=self.config.draft_margin)
+
+    def _time_forwards(self, sizes: list[int], past: int, rounds: int) -> dict[int, float]:
+        """Median seconds of a forward of n tokens after `past` tokens of context, for each size."""
         slot = self.cache.allocate()
         try:
-            past = max(1, min(256, self.cache.max_len - max(sizes)))
             g = torch.Generator().manual_seed(0)
             ctx = torch.randint(0, self.model.config.vocab_size, (past + max(sizes),), generator=g)
             self._forward(ctx[:past], torch.arange(past), [SeqBatchEntry(slot, 0, past, None)], last_only=True)
@@ -191,20 +212,16 @@ class Engine:
             # makes extra tokens look cheaper than they are, and the learned offset (fitted at the
             # tree sizes in use) then overstates a plain step, and with it the reported speedup.
             timings: dict[int, list[float]] = {n: [] for n in sizes}
-            for _ in range(CALIBRATION_ROUNDS):
+            for _ in range(rounds):
                 for n in sizes:
                     tokens, positions = ctx[past:past + n], torch.arange(past, past + n)
                     entry = [SeqBatchEntry(slot, past, n, torch.ones(n, n, dtype=torch.bool).tril_())]
                     t0 = time.perf_counter()
                     self._forward(tokens, positions, entry)
                     timings[n].append(time.perf_counter() - t0)
-            seconds = {n: statistics.median(ts) for n, ts in timings.items()}
+            return {n: statistics.median(ts) for n, ts in timings.items()}
         finally:
             self.cache.release(slot)
-        cost = CostModel(seconds, max_tokens, self.config.max_batch, margin=self.config.draft_margin)
-        log("forward cost vs tree size: " + ", ".join(
-            f"{n}:{1000 * s:.0f}ms" for n, s in seconds.items() if n in (1, 4, 8, 16, 32, 64)))
-        return cost
 
     # ---- model calls ---------------------------------------------------------------------------
 

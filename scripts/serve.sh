@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Starts the server on the embedded default model at http://127.0.0.1:8000 (installs first if needed).
+# Starts the server on the embedded default model at http://127.0.0.1:8000, after installing what
+# serving needs into the project's .venv (once: later starts skip it; see scripts/install.sh).
 # Extra arguments go to `logitspec serve` (see `logitspec serve --help`).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/install.sh
-exec "${PYTHON:-python3}" -m server.cli serve "$@"
+source "$(dirname "$0")/env.sh"
+bash "$ROOT/scripts/install.sh" serve
+cd "$ROOT"
+exec "$PY" -m server.cli serve "$@"

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
-# The whole test suite from a fresh machine: installs what it needs, then runs pytest.
+# The whole test suite from a fresh clone: installs what the tests need into the project's .venv
+# (and, as root, Debian's test tools; see scripts/install.sh), then runs pytest.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-bash scripts/install.sh
-exec "${PYTHON:-python3}" -m pytest -q "$@"
+source "$(dirname "$0")/env.sh"
+bash "$ROOT/scripts/install.sh" test
+cd "$ROOT"
+exec "$PY" -m pytest -q "$@"

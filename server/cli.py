@@ -3,33 +3,80 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import time
 from pathlib import Path
 
-from decoding.config import DTYPES, METHODS, EngineConfig
+from decoding.config import ATTENTION, DTYPES, METHODS, SAMPLERS, EngineConfig
+from server.settings import ServerSettings, keys_from_env
 
 
-def _engine_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="HF model folder or .gguf file (default: embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--device", default="auto", help="auto, cpu or cuda[:N]")
-    p.add_argument("--dtype", default="auto", choices=DTYPES, help="auto = bfloat16 on CUDA, float32 on CPU")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
-    p.add_argument("--tree-capacity", type=int, default=64, help="most tokens verified per sequence per step")
-    p.add_argument("--no-adaptive", action="store_true", help="turn off cost-aware tree sizing")
-    p.add_argument("--draft-margin", type=float, default=0.05,
+ENGINE = {f.name: f.default for f in dataclasses.fields(EngineConfig)}
+# A server decodes several sequences together; the engine's own default (one) suits generate and bench.
+SERVE_MAX_RUNNING = 8
+# generate is one-shot: a shorter calibration when none is cached (serve and bench time the full
+# one). Three rounds, not one: the median of three discards one disturbed round (on a busy machine a
+# single round once timed a 1-token forward at 1.2 s, 10x its median, which made every tree look free).
+GENERATE_CALIBRATION_ROUNDS = 3
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows every option's default, except where there is none to show: a required option, an
+    on/off flag (nargs 0), or None (the help text says what happens then)."""
+
+    def _get_help_string(self, action):
+        if action.required or action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def _engine_args(p: argparse.ArgumentParser, calibration_rounds: int = ENGINE["calibration_rounds"]) -> None:
+    p.add_argument("--model", default=ENGINE["model"],
+                   help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default=ENGINE["device"], help="auto (CUDA when present), cpu or cuda[:N]")
+    p.add_argument("--dtype", default=ENGINE["dtype"], choices=DTYPES, help="auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--threads", type=int, default=ENGINE["threads"], help="torch CPU threads (0 = torch's default)")
+    p.add_argument("--tree-capacity", type=int, default=ENGINE["tree_capacity"],
+                   help="most tokens verified per sequence per step")
+    p.add_argument("--no-adaptive", action="store_false", dest="adaptive", default=ENGINE["adaptive"],
+                   help="turn off cost-aware tree sizing (trees are cut by acceptance statistics only)")
+    p.add_argument("--draft-margin", type=float, default=ENGINE["draft_margin"],
                    help="draft only when the cost model expects this much more tokens/s than plain decoding")
-    p.add_argument("--max-context", type=int, default=4096)
-    p.add_argument("--sampler", default="coupled", choices=("coupled", "specinfer"),
+    p.add_argument("--max-context", type=int, default=ENGINE["max_context"],
+                   help="tokens per sequence, prompt and output together (capped by the model's own)")
+    p.add_argument("--sampler", default=ENGINE["sampler"], choices=SAMPLERS,
                    help="lossless sampling verifier (coupled: same text for a seed whatever the draft)")
+    p.add_argument("--attention", default=ENGINE["attention"], choices=ATTENTION,
+                   help="attention calls per layer: one for the whole batch, one per sequence, or auto (batched "
+                        "on a GPU; on a CPU batched unless padding would more than double the query rows)")
+    p.add_argument("--compile", action="store_true", default=ENGINE["compile"],
+                   help="torch.compile the layers' dense parts (for GPUs; not with CPU float32)")
+    p.add_argument("--calibration-rounds", type=int, default=calibration_rounds,
+                   help="rounds of start-up forward timings when the calibration cache has none as long "
+                        "(cache: LOGITSPEC_CACHE, else ~/.cache/logitspec)")
+    p.add_argument("--recalibrate", action="store_true", default=ENGINE["recalibrate"],
+                   help="time the start-up forwards again instead of reading the calibration cache")
 
 
-def _config(args, method: str) -> EngineConfig:
+def _config(args, method: str, max_batch: int = ENGINE["max_batch"]) -> EngineConfig:
     return EngineConfig(model=args.model, method=method, device=args.device, dtype=args.dtype,
-                        threads=args.threads, tree_capacity=args.tree_capacity,
-                        adaptive=not args.no_adaptive, max_context=args.max_context,
-                        sampler=args.sampler, draft_margin=args.draft_margin)
+                        threads=args.threads, tree_capacity=args.tree_capacity, adaptive=args.adaptive,
+                        max_context=args.max_context, sampler=args.sampler, draft_margin=args.draft_margin,
+                        max_batch=max_batch, calibration_rounds=args.calibration_rounds,
+                        recalibrate=args.recalibrate, attention=args.attention, compile=args.compile)
+
+
+def _settings(args) -> ServerSettings:
+    return ServerSettings(
+        model_name=args.served_model_name or "default", max_queue=args.max_queue,
+        request_timeout=args.request_timeout, max_sessions=args.max_sessions,
+        session_bytes=int(args.session_memory_mb * 2**20), api_keys=tuple(args.api_key or ()) + keys_from_env(),
+        public_metrics=args.public_metrics, cors_origins=tuple(args.cors_origin or ()),
+        max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
+        max_tokens_cap=args.max_tokens_cap, max_n=args.max_n, max_stop=args.max_stop,
+        max_stop_length=args.max_stop_length, shutdown_grace=args.shutdown_grace)
 
 
 def cmd_generate(args) -> int:
@@ -73,26 +120,15 @@ def cmd_bench(args) -> int:
 def cmd_serve(args) -> int:
     import logging
 
-    import dataclasses
-
     import uvicorn
 
     from decoding.engine import Engine
     from server.app import create_app
-    from server.settings import ServerSettings, keys_from_env
     from server.shutdown import GracefulServer
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Validated before the model loads, so a bad flag fails at once.
-    settings = ServerSettings(
-        model_name=args.served_model_name or "default", max_queue=args.max_queue,
-        request_timeout=args.request_timeout, max_sessions=args.max_sessions,
-        session_bytes=int(args.session_memory_mb * 2**20), api_keys=tuple(args.api_key or ()) + keys_from_env(),
-        public_metrics=args.public_metrics, cors_origins=tuple(args.cors_origin or ()),
-        max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
-        max_tokens_cap=args.max_tokens_cap, max_n=args.max_n, max_stop=args.max_stop,
-        max_stop_length=args.max_stop_length, shutdown_grace=args.shutdown_grace)
-    engine = Engine(dataclasses.replace(_config(args, args.method), max_batch=args.max_running))
+    settings = _settings(args)  # validated before the model loads, so a bad flag fails at once
+    engine = Engine(_config(args, args.method, max_batch=args.max_running))
     if not args.served_model_name:
         settings = dataclasses.replace(settings, model_name=engine.loaded.name)
     print(f"[logitspec] serving {settings.model_name} ({engine.device.type}, "
@@ -109,62 +145,80 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     from decoding.specbench import DEFAULT_DATA
+    from decoding.verify import SamplingParams
 
+    sampling = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+    server = {f.name: f.default for f in dataclasses.fields(ServerSettings)}
     parser = argparse.ArgumentParser(prog="logitspec", description="LogitSpec speculative decoding")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    g = sub.add_parser("generate", help="generate one answer and print step statistics")
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--method", default="logitspec", choices=METHODS)
-    g.add_argument("--max-tokens", type=int, default=256)
-    g.add_argument("--temperature", type=float, default=0.0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--seed", type=int, default=None)
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help, description=help, formatter_class=HelpFormatter)
+
+    g = command("generate", "generate one answer and print step statistics")
+    g.add_argument("--prompt", required=True, help="the user message (or, with --raw, the text to continue)")
+    g.add_argument("--method", default=ENGINE["method"], choices=METHODS, help="speculation method")
+    g.add_argument("--max-tokens", type=int, default=256, help="most tokens to generate")
+    g.add_argument("--temperature", type=float, default=sampling["temperature"], help="0 = greedy")
+    g.add_argument("--top-p", type=float, default=sampling["top_p"], help="nucleus sampling mass (1 = off)")
+    g.add_argument("--top-k", type=int, default=sampling["top_k"], help="sample among the k likeliest (0 = off)")
+    g.add_argument("--seed", type=int, default=sampling["seed"],
+                   help="sampling seed: the same seed gives the same text (default: a random one)")
     g.add_argument("--raw", action="store_true", help="use the prompt as is, without the chat template")
-    _engine_args(g)
+    _engine_args(g, calibration_rounds=GENERATE_CALIBRATION_ROUNDS)
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="Spec-Bench: MAT, tokens/s and speedup per category")
-    b.add_argument("--data", default=str(DEFAULT_DATA))
-    b.add_argument("--methods", default="ar,pld,logitspec")
-    b.add_argument("--per-category", type=int, default=None)
-    b.add_argument("--max-new-tokens", type=int, default=256)
-    b.add_argument("--json", default=None)
-    b.add_argument("--plot", default=None)
+    b = command("bench", "Spec-Bench: MAT, tokens/s and speedup per category")
+    b.add_argument("--data", default=str(DEFAULT_DATA), help="questions, one JSON object per line (Spec-Bench format)")
+    b.add_argument("--methods", default=",".join(METHODS), help="comma-separated methods to compare (ar is the baseline)")
+    b.add_argument("--per-category", type=int, default=None, help="questions per category (default: all)")
+    b.add_argument("--max-new-tokens", type=int, default=256, help="most tokens generated per turn")
+    b.add_argument("--json", default=None, help="also write the report to this JSON file (default: none)")
+    b.add_argument("--plot", default=None, help="also plot speedup and MAT per category to this PNG file (default: none)")
     _engine_args(b)
     b.set_defaults(func=cmd_bench)
 
-    s = sub.add_parser("serve", help="start the OpenAI-compatible server")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
-    s.add_argument("--method", default="logitspec", choices=METHODS, help="default speculation method")
-    s.add_argument("--served-model-name", default=None)
-    s.add_argument("--max-running", type=int, default=8, help="sequences decoded together (KV slots)")
-    s.add_argument("--max-queue", type=int, default=64, help="waiting requests before 429")
-    s.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
-    s.add_argument("--max-sessions", type=int, default=256, help="session indexes kept (LRU)")
-    s.add_argument("--session-memory-mb", type=float, default=512, help="memory for session indexes (LRU)")
+    s = command("serve", "start the OpenAI-compatible server")
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all interfaces)")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
+    s.add_argument("--method", default=ENGINE["method"], choices=METHODS,
+                   help="default speculation method (a request may pick another)")
+    s.add_argument("--served-model-name", default=None,
+                   help="model id in the API (default: the model's file or folder name)")
+    s.add_argument("--max-running", type=int, default=SERVE_MAX_RUNNING, help="sequences decoded together (KV slots)")
+    s.add_argument("--max-queue", type=int, default=server["max_queue"], help="waiting requests before 429")
+    s.add_argument("--request-timeout", type=float, default=server["request_timeout"], help="seconds per request")
+    s.add_argument("--max-sessions", type=int, default=server["max_sessions"], help="session indexes kept (LRU)")
+    s.add_argument("--session-memory-mb", type=float, default=server["session_bytes"] / 2**20,
+                   help="memory for session indexes (LRU)")
     s.add_argument("--api-key", action="append", metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1/* (repeatable; also LOGITSPEC_API_KEYS, "
-                        "comma-separated)")
+                        "comma-separated; default: no key needed)")
     s.add_argument("--public-metrics", action="store_true", help="serve /metrics without a key even with API keys")
     s.add_argument("--cors-origin", action="append", metavar="ORIGIN",
-                   help="browser origin allowed to call the API, e.g. https://chat.example.com or * (repeatable)")
-    s.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="largest request body (413 beyond)")
-    s.add_argument("--max-prompt-tokens", type=int, default=None, help="longest prompt (default: the context)")
-    s.add_argument("--max-tokens-cap", type=int, default=None,
-                   help="most completion tokens a choice may ask for, and the default when it asks for none")
-    s.add_argument("--max-n", type=int, default=16, help="most sequences per request (n x prompts)")
-    s.add_argument("--max-stop", type=int, default=4, help="most stop strings per request")
-    s.add_argument("--max-stop-length", type=int, default=256, help="longest stop string (characters)")
-    s.add_argument("--shutdown-grace", type=float, default=30.0,
+                   help="browser origin allowed to call the API, e.g. https://chat.example.com or * (repeatable; "
+                        "default: none)")
+    s.add_argument("--max-body-bytes", type=int, default=server["max_body_bytes"], help="largest request body (413 beyond)")
+    s.add_argument("--max-prompt-tokens", type=int, default=server["max_prompt_tokens"],
+                   help="longest prompt (default: the context)")
+    s.add_argument("--max-tokens-cap", type=int, default=server["max_tokens_cap"],
+                   help="most completion tokens a choice may ask for, and the default when it asks for none "
+                        "(default: the context)")
+    s.add_argument("--max-n", type=int, default=server["max_n"], help="most sequences per request (n x prompts)")
+    s.add_argument("--max-stop", type=int, default=server["max_stop"], help="most stop strings per request")
+    s.add_argument("--max-stop-length", type=int, default=server["max_stop_length"],
+                   help="longest stop string (characters)")
+    s.add_argument("--shutdown-grace", type=float, default=server["shutdown_grace"],
                    help="after SIGTERM: seconds running requests get to finish (new ones get 503)")
     _engine_args(s)
     s.set_defaults(func=cmd_serve)
+    return parser
 
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         return args.func(args)
