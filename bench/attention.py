@@ -37,7 +37,8 @@ def chain_tree(n: int) -> DraftTree:
 
 
 def shapes(batch: int) -> dict[str, list[int]]:
-    return {"plain": [1] * batch, "tree16+singles": [16] + [1] * (batch - 1), "trees4": [4] * batch}
+    return {"plain": [1] * batch, "tree4+singles": [4] + [1] * (batch - 1),
+            "tree16+singles": [16] + [1] * (batch - 1), "trees4": [4] * batch}
 
 
 def main() -> int:

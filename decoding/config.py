@@ -25,7 +25,7 @@ class EngineConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     sampler: str = "coupled"  # lossless sampling verifier: coupled (seed-reproducible) or specinfer
     # Attention calls per layer: one for the whole batch, one per sequence, or auto (batched on a
-    # GPU; on a CPU batched unless padding would more than double the query rows).
+    # GPU; on a CPU batched unless padding adds more than half the query rows).
     attention: str = "auto"
     # torch.compile the layers' dense parts. Off until measured on a GPU (bench/gpu_check.sh).
     compile: bool = False

@@ -102,9 +102,10 @@ class AttentionPlan:
 
 def plan_attention(batch: list[SeqBatchEntry], device: torch.device, mode: str = "auto") -> AttentionPlan:
     """mode auto: one batched call on an accelerator (per-sequence calls are launch-bound there); on
-    a CPU, batched unless padding would more than double the query rows (measured on a 2-core CPU:
-    the batched call wins for plain steps, per-sequence calls for one large tree among single rows,
-    where padding every sequence to the tree's size costs more than the calls it saves)."""
+    a CPU, batched unless padding adds more than half the query rows. Measured on a 2-core CPU
+    (bench/attention.py): batched took 0.84-0.91x the time of per-sequence calls for plain steps and
+    equal trees at 4-16 sequences, but 1.15-1.61x with one 16-node tree among single rows, where
+    padding every sequence to the tree's size costs more than the calls it saves."""
     rows = sum(e.n for e in batch)
     row_slot = torch.tensor([e.slot for e in batch for _ in range(e.n)])
     row_pos = torch.tensor([e.past_len + i for e in batch for i in range(e.n)])
@@ -112,7 +113,8 @@ def plan_attention(batch: list[SeqBatchEntry], device: torch.device, mode: str =
     slots = max(e.slot for e in batch) - lo + 1
     n_max = max(e.n for e in batch)
     if mode == "auto":
-        batched = device.type != "cpu" or slots * n_max <= 2 * rows
+        # One sequence is one call either way: the per-sequence path skips the padding and mask.
+        batched = len(batch) > 1 and (device.type != "cpu" or 2 * slots * n_max <= 3 * rows)
     else:
         batched = mode == "batched"
     if not batched:

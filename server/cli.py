@@ -50,7 +50,7 @@ def _engine_args(p: argparse.ArgumentParser, calibration_rounds: int = ENGINE["c
                    help="lossless sampling verifier (coupled: same text for a seed whatever the draft)")
     p.add_argument("--attention", default=ENGINE["attention"], choices=ATTENTION,
                    help="attention calls per layer: one for the whole batch, one per sequence, or auto (batched "
-                        "on a GPU; on a CPU batched unless padding would more than double the query rows)")
+                        "on a GPU; on a CPU batched unless padding adds more than half the query rows)")
     p.add_argument("--compile", action="store_true", default=ENGINE["compile"],
                    help="torch.compile the layers' dense parts (for GPUs; not with CPU float32)")
     p.add_argument("--calibration-rounds", type=int, default=calibration_rounds,
