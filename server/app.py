@@ -29,6 +29,7 @@ from decoding.engine import Engine
 from decoding.verify import SamplingParams
 from retrieval.sessions import SessionRegistry
 from retrieval.suffix_index import SuffixIndex
+from server.access import Access
 from server.gate import APIKeys, Gate
 from server.metrics import Metrics
 from server.scheduler import Delta, Failed, Finished, GenRequest, QueueFull, Scheduler, ShuttingDown
@@ -55,9 +56,15 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
+def _printable(text: str | None) -> str | None:
+    """Text that echoes a client's input (a parameter's name, a bad value) may not be valid Unicode:
+    escape what has no UTF-8 form, so the error itself can be sent."""
+    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": message, "type": ERROR_TYPES.get(status, "server_error"),
-                      "param": param, "code": code}}
+    return {"error": {"message": _printable(message), "type": ERROR_TYPES.get(status, "server_error"),
+                      "param": _printable(param), "code": code}}
 
 
 def error_response(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:
@@ -85,6 +92,10 @@ ERROR_RESPONSES = {status: {"model": ErrorResponse, "description": description} 
     (400, "Invalid request"), (401, "Missing or wrong API key"), (404, "Unknown model"),
     (413, "Request body too large"), (429, "Queue full"), (500, "Generation failed"),
     (503, "Shutting down"))}
+
+
+def _not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON")
 
 
 def _request_body(model) -> dict:
@@ -125,6 +136,14 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     metrics = Metrics(engine, scheduler, sessions)
     scheduler.metrics = metrics
 
+    def count(path: str, status: int) -> None:
+        if path.startswith("/v1/"):
+            endpoint = path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models") else "other"
+            metrics.requests.labels(endpoint, str(status)).inc()
+
+    access = Access(settings.access_log, count,
+                    error_body=lambda: error_body(500, "internal server error", None, "internal_error"))
+
     app = FastAPI(title="logitspec", version="0.1.0")
     app.state.metrics = metrics
     app.state.scheduler = scheduler
@@ -152,11 +171,6 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def _http(_, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail))
 
-    @app.exception_handler(Exception)
-    async def _unexpected(_, exc: Exception):
-        log.exception("unhandled error")
-        return error_response(500, "internal server error", None, "internal_error")
-
     async def read_body(request: Request) -> bytes:
         limit = settings.max_body_bytes
         declared = request.headers.get("content-length", "")
@@ -175,8 +189,11 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def parse(request: Request, schema):
         raw = await read_body(request)
         try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError):
+            # Bytes that are not UTF-8 become lone surrogates here, so the schema refuses them naming
+            # the field they are in; NaN and Infinity are Python's extensions, not JSON.
+            data = json.loads(raw.decode(json.detect_encoding(raw), "surrogateescape"),
+                              parse_constant=_not_json)
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
             raise APIError(400, "the request body is not valid JSON", None, "invalid_json")
         if not isinstance(data, dict):
             raise APIError(400, "the request body must be a JSON object", None, "invalid_json")
@@ -226,7 +243,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     def sampling(req, choice: int) -> SamplingParams:
         seed = None if req.seed is None else req.seed + choice  # n choices must differ
-        return SamplingParams(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=seed)
+        # OpenAI's top_p 0 keeps the top token only (top-k 1); vLLM's top_k -1 is top-k off (0)
+        top_k = 1 if req.top_p == 0 else max(req.top_k, 0)
+        return SamplingParams(temperature=req.temperature, top_p=req.top_p or 1.0, top_k=top_k, seed=seed)
 
     def budget(req, prompt_len: int) -> int:
         limit = req.token_limit
@@ -318,6 +337,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                           "finish_reason": r["finish"].reason}
             choices.append(choice)
         completion = sum(r["finish"].completion_tokens for r in results)
+        request.state.usage = (prompt_tokens, completion)  # for the access log
         return {"id": rid, "object": obj, "created": created, "model": settings.model_name,
                 "choices": choices, "usage": _usage(prompt_tokens, completion),
                 "system_fingerprint": None, "speculative": spec_stats(results)}
@@ -375,6 +395,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                     yield {"event": "error", "data": json.dumps(error_body(ev.status, ev.message, None,
                                                                            "generation_failed"))}
                     return
+            request.state.usage = (prompt_tokens, completion)  # for the access log, written when the stream ends
             if req.stream_options and req.stream_options.include_usage:
                 yield {"data": json.dumps({**base, "choices": [], "usage": _usage(prompt_tokens, completion)})}
             yield {"data": "[DONE]"}
@@ -390,11 +411,17 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         """Stop admitting (503), let running requests finish for up to `grace` seconds, then fail
         what is left (an error event ends each remaining stream)."""
         app.state.draining = True
-        deadline = time.monotonic() + grace
+        started = time.monotonic()
+        deadline = started + grace
+        busy = access.in_flight
+        log.info("shutting down: draining %d requests (grace %.1f s)", busy, grace)
         while (not scheduler.idle or open_streams) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if not scheduler.idle:
             log.warning("shutdown grace of %.1f s over: failing %s", grace, scheduler.counts)
+        left = access.in_flight
+        log.info("shutting down: drained %d requests in %.1f s%s", max(busy - left, 0), time.monotonic() - started,
+                 f", failing {left} still running" if left else "")
         await asyncio.to_thread(scheduler.shutdown)
         deadline = time.monotonic() + 2.0  # let the failed streams send their error events
         while open_streams and time.monotonic() < deadline:
@@ -422,18 +449,14 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
     app.openapi = openapi
 
-    # Inside the request counter, so refusals are counted too.
+    # Inside the access layer, so refusals are logged and counted too.
     app.add_middleware(Gate, keys=APIKeys(settings.api_keys), protect_metrics=not settings.public_metrics,
                        draining=lambda: app.state.draining, error_body=error_body)
 
-    @app.middleware("http")
-    async def _count_requests(request: Request, call_next):
-        response = await call_next(request)
-        path = request.url.path
-        if path.startswith("/v1/"):
-            endpoint = path if path in ("/v1/chat/completions", "/v1/completions", "/v1/models") else "other"
-            metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        return response
+    # The last resort for any exception: a 500 in OpenAI's shape, never a reset connection. Starlette's
+    # own (ServerErrorMiddleware, outside every middleware) answers and then re-raises, and uvicorn
+    # closes a connection on which the app raised, failing the client's next request on it too.
+    app.add_middleware(access.around)
 
     @app.get("/metrics")
     async def prometheus_metrics():

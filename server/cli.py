@@ -76,7 +76,7 @@ def _settings(args) -> ServerSettings:
         public_metrics=args.public_metrics, cors_origins=tuple(args.cors_origin or ()),
         max_body_bytes=args.max_body_bytes, max_prompt_tokens=args.max_prompt_tokens,
         max_tokens_cap=args.max_tokens_cap, max_n=args.max_n, max_stop=args.max_stop,
-        max_stop_length=args.max_stop_length, shutdown_grace=args.shutdown_grace)
+        max_stop_length=args.max_stop_length, shutdown_grace=args.shutdown_grace, access_log=args.access_log)
 
 
 def cmd_generate(args) -> int:
@@ -197,6 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' on /v1/* (repeatable; also LOGITSPEC_API_KEYS, "
                         "comma-separated; default: no key needed)")
     s.add_argument("--public-metrics", action="store_true", help="serve /metrics without a key even with API keys")
+    s.add_argument("--no-access-log", action="store_false", dest="access_log", default=server["access_log"],
+                   help="do not log a line per request (method, path, status, duration, tokens)")
     s.add_argument("--cors-origin", action="append", metavar="ORIGIN",
                    help="browser origin allowed to call the API, e.g. https://chat.example.com or * (repeatable; "
                         "default: none)")

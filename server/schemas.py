@@ -42,6 +42,38 @@ class ParamError(ValueError):
         self.code = code
 
 
+def invalid_text_at(value: Any) -> tuple | None:
+    """The path to the first string (a value or a key) in parsed JSON that is not valid Unicode, else None.
+
+    JSON may escape a lone UTF-16 surrogate ("\\ud800"), and a body's bytes that are not UTF-8 are
+    decoded into lone surrogates too (server.app decodes with "surrogateescape"). Such a string has
+    no UTF-8 form: tokenizers refuse it and a response could not carry it back. A loop, not
+    recursion: a body may nest as deep as the JSON parser allowed.
+    """
+    stack: list[tuple[tuple, Any]] = [((), value)]
+    while stack:
+        path, item = stack.pop()
+        if isinstance(item, str):
+            if not item.isascii():
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return path
+        elif isinstance(item, dict):
+            for key, child in reversed(item.items()):
+                stack.append((path + (key,), child))
+                stack.append((path + (key,), key))
+        elif isinstance(item, list):
+            stack.extend((path + (i,), child) for i, child in reversed(list(enumerate(item))))
+    return None
+
+
+def param_name(path: tuple) -> str:
+    """A JSON path as OpenAI-style `param` ("messages.0.content"), printable even when a key is not
+    valid Unicode."""
+    return ".".join(str(p).encode("utf-8", "backslashreplace").decode("utf-8") for p in path)
+
+
 class Speculative(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Literal["ar", "pld", "logitspec"] | None = None
@@ -57,18 +89,28 @@ class _Common(BaseModel):
     model_config = ConfigDict(extra="allow")
 
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=0)
+    # OpenAI's bounds; how many tokens and choices at most: the server's limits
+    max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
+    top_p: float = Field(default=1.0, ge=0.0, le=1.0)  # 0: the top token only
+    top_k: int = Field(default=0, ge=-1)  # extension, as vLLM: 0 or -1 = off
     seed: int | None = Field(default=None, ge=-2**63, le=2**63 - 1)
     stop: str | list[str] | None = None  # how many and how long: the server's limits
-    n: int = Field(default=1, ge=1, le=16)
+    n: int = Field(default=1, ge=1)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
     prompt_cache_key: str | None = None
     speculative: Speculative | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_is_unicode(cls, data):
+        if (path := invalid_text_at(data)) is not None:
+            param = param_name(path)
+            raise ParamError(f"{param}: the text is not valid Unicode (a lone UTF-16 surrogate, or bytes that are "
+                             f"not UTF-8)", param, "invalid_unicode")
+        return data
 
     @field_validator("stop")
     @classmethod
@@ -130,7 +172,7 @@ class ChatMessage(BaseModel):
 
 class ChatCompletionRequest(_Common):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=0)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
     response_format: dict | None = None
@@ -161,7 +203,7 @@ class CompletionRequest(_Common):
         {"type": "string", "minLength": 1},
         {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1}]})
     logprobs: int | None = Field(default=None, ge=0, le=5)
-    max_tokens: int | None = Field(default=16, ge=0)
+    max_tokens: int | None = Field(default=16, ge=1)
 
     @field_validator("prompt")
     @classmethod

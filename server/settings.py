@@ -38,6 +38,8 @@ class ServerSettings:
     max_stop_length: int = 256  # characters per stop string
     # shutdown: after SIGTERM, seconds running requests get to finish before they are failed
     shutdown_grace: float = 30.0
+    # one log line per request (logger "logitspec.access"): method, path, status, seconds, tokens
+    access_log: bool = True
 
     def __post_init__(self):
         if not self.model_name:

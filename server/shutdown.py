@@ -10,9 +10,12 @@ when running streams are over.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 
 import uvicorn
+
+log = logging.getLogger("logitspec.server")
 
 
 class GracefulServer(uvicorn.Server):
@@ -27,6 +30,7 @@ class GracefulServer(uvicorn.Server):
     async def serve(self, sockets=None) -> None:
         self._loop = asyncio.get_running_loop()
         await super().serve(sockets)
+        log.info("stopped")
 
     def handle_exit(self, sig, frame) -> None:
         # A signal handler (or another thread): hand the drain to the event loop.

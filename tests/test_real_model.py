@@ -1,6 +1,7 @@
 """End-to-end on the embedded SmolLM2-135M-Instruct: lossless greedy and lossless sampling."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -22,11 +23,31 @@ def prompts(engine):
     return [engine.chat_prompt([{"role": "user", "content": chosen[c]["turns"][0]}]) for c in CATEGORIES]
 
 
-def test_greedy_speculative_outputs_equal_ar(real_engines):
+@pytest.fixture(scope="module")
+def transformers_greedy(real_loaded):
+    """Greedy continuation by transformers' own model and generate, on the same dequantized weights:
+    the reference our `ar` must equal."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(real_loaded.folder, dtype=torch.float32).eval()
+
+    def greedy(prompt: list[int], max_new_tokens: int, stop_ids) -> list[int]:
+        with torch.no_grad():
+            out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                                 max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=sorted(stop_ids),
+                                 pad_token_id=min(stop_ids))
+        tokens = out[0, len(prompt):].tolist()
+        return tokens[:-1] if tokens and tokens[-1] in stop_ids else tokens  # ours never emits the stop token
+
+    return greedy
+
+
+def test_greedy_speculative_outputs_equal_ar(real_engines, transformers_greedy):
     total_ar_steps = total_spec_steps = 0
     for prompt in prompts(real_engines["ar"]):
         ar = real_engines["ar"].generate(prompt, SamplingParams(), 64)
         assert len(ar.output) > 10
+        assert ar.output == transformers_greedy(prompt, 64, real_engines["ar"].stop_ids)
         for method in ("pld", "logitspec"):
             seq = real_engines[method].generate(prompt, SamplingParams(), 64)
             assert seq.output == ar.output, (method, real_engines["ar"].tokenizer.decode(ar.output))
@@ -107,13 +128,20 @@ def test_cli_bench_writes_report(tmp_path):
     assert png.stat().st_size > 10_000
 
 
-def test_cli_generate(capsys):
+def test_cli_generate_prints_the_greedy_answer(real_engines, transformers_greedy, capsys):
+    """`logitspec generate` (greedy, with speculation) prints transformers' greedy answer to the
+    same chat prompt, and that answer is right in plain words."""
     from server.cli import main
 
-    assert main(["generate", "--prompt", "Say hi.", "--max-tokens", "12", "--method", "logitspec"]) == 0
+    question = "What is the capital of France?"
+    assert main(["generate", "--prompt", question, "--max-tokens", "16", "--method", "logitspec"]) == 0
     captured = capsys.readouterr()
-    assert captured.out.strip()
-    assert "tok/s" in captured.err and "steps" in captured.err
+    engine = real_engines["ar"]
+    reference = transformers_greedy(engine.chat_prompt([{"role": "user", "content": question}]), 16, engine.stop_ids)
+    text = engine.tokenizer.decode(reference, skip_special_tokens=True)
+    assert captured.out == text + "\n"
+    assert "Paris" in text and re.fullmatch(r"[\w ,.'-]+[.!]", text), text
+    assert re.search(rf"\[logitspec\] {len(reference)} tokens in \d+ steps .* tok/s, finish: stop", captured.err)
 
 
 def test_missing_model_path_is_a_clear_error(capsys):

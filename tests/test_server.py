@@ -3,12 +3,13 @@ openai client, and by raw httpx for what a client library would not send."""
 
 import asyncio
 import json
+import re
 
 import httpx
 import pytest
 from openai import OpenAI
 
-from server_process import ServerProcess
+from server_process import ROOT, ServerProcess
 
 pytestmark = pytest.mark.slow
 
@@ -228,3 +229,19 @@ def test_queue_full_429_with_retry_after():
         assert first.json()["choices"][0]["message"] == second.json()["choices"][0]["message"]
     finally:
         small.stop()
+
+
+def test_readme_openai_example_prints_the_text_then_the_usage(server, client, model_name, capsys):
+    """The README's `openai` streaming example, run as written against this server."""
+    readme = (ROOT / "README.md").read_text()
+    example = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "from openai" in block)
+    assert "http://127.0.0.1:8000/v1" in example
+    exec(compile(example.replace("http://127.0.0.1:8000", server.url), "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.endswith("\n")
+    text, _, usage = printed[:-1].rpartition("\n")
+    full = chat(client, model_name, "Name three rivers.", max_tokens=64, temperature=0)
+    assert text == full.choices[0].message.content
+    assert usage == str({"completion_tokens": full.usage.completion_tokens, "prompt_tokens": full.usage.prompt_tokens,
+                         "total_tokens": full.usage.total_tokens})
+    assert "None" not in printed

@@ -5,7 +5,7 @@ import torch
 from scipy.stats import chisquare
 
 from decoding.tree import DraftTree
-from decoding.verify import SamplingParams, processed_probs, verify_coupled, verify_greedy, verify_sampling
+from decoding.verify import SamplingParams, processed_probs, sample, verify_coupled, verify_greedy, verify_sampling
 
 
 def logits_from(rows):
@@ -67,12 +67,16 @@ def emitted_pair(tree, path, next_token):
 
 
 def run_chi_square(tree, rows, params, draws=20000, seed=0, sampler="specinfer"):
+    """Chi-square tests of the first two emitted tokens against the target. `sampler`: "specinfer",
+    "coupled", or a function with verify_sampling's signature (to show that the test can fail)."""
     logits = torch.tensor(rows, dtype=torch.float32).log()
     target = processed_probs(logits, params)  # [nodes, vocab]
     g = torch.Generator().manual_seed(seed)
     firsts, seconds = [], {}
     for i in range(draws):
-        if sampler == "specinfer":
+        if callable(sampler):
+            path, nxt = sampler(tree, logits, params, g)
+        elif sampler == "specinfer":
             path, nxt = verify_sampling(tree, logits, params, g)
         else:  # a fresh seed per draw, as per request
             path, nxt = verify_coupled(tree, logits, params, seed * draws + i, past_len=10)
@@ -86,7 +90,8 @@ def run_chi_square(tree, rows, params, draws=20000, seed=0, sampler="specinfer")
     assert counts[~support].sum() == 0, "sampled a token with zero probability"
     exp = target[0][support].double()
     exp = exp / exp.sum() * counts.sum()
-    assert chisquare(counts[support].numpy(), exp.numpy()).pvalue > 1e-3
+    p = chisquare(counts[support].numpy(), exp.numpy()).pvalue
+    assert p > 1e-3, f"first tokens: chi-square p = {p:.2g}"
     # Given the first token is a drafted child with children of its own, the second token follows
     # that child's distribution.
     for token, node in tree.children(0).items():
@@ -95,7 +100,8 @@ def run_chi_square(tree, rows, params, draws=20000, seed=0, sampler="specinfer")
             sup = target[node] > 0
             e = target[node][sup].double()
             e = e / e.sum() * c.sum()
-            assert chisquare(c[sup].numpy(), e.numpy()).pvalue > 1e-3
+            p = chisquare(c[sup].numpy(), e.numpy()).pvalue
+            assert p > 1e-3, f"second tokens after {token}: chi-square p = {p:.2g}"
 
 
 ROWS = [
@@ -133,11 +139,27 @@ def test_coupled_sampling_does_not_depend_on_the_tree():
         assert tokens[0] == first
 
 
-def test_chi_square_detects_a_biased_sampler():
-    """The statistical check is able to fail: a sampler that always accepts the first child is caught."""
-    tree = tree_two_levels()
-    logits = torch.tensor(ROWS).log()
-    target = processed_probs(logits, SamplingParams(temperature=1.0))[0]
-    firsts = [2] * 5000  # what an accept-always verifier would emit
-    counts = torch.bincount(torch.tensor(firsts), minlength=5).double()
-    assert chisquare(counts.numpy(), (target.double() * 5000).numpy()).pvalue < 1e-6
+def accepts_the_first_child_too_often(tree, logits, params, g):
+    """verify_sampling, except that 5% of the time the first drafted child is accepted outright."""
+    if torch.rand((), generator=g) < 0.05:
+        child = next(iter(tree.children(0).values()))
+        return [0, child], sample(processed_probs(logits[child:child + 1], params)[0], g)
+    return verify_sampling(tree, logits, params, g)
+
+
+def draws_the_next_token_from_the_parent(tree, logits, params, g):
+    """verify_sampling, except that after an accepted child the next token comes from its parent's
+    row (an off-by-one in the node index)."""
+    path, nxt = verify_sampling(tree, logits, params, g)
+    if len(path) > 1:
+        nxt = sample(processed_probs(logits[path[-2]:path[-2] + 1], params)[0], g)
+    return path, nxt
+
+
+@pytest.mark.parametrize("biased, caught", [(accepts_the_first_child_too_often, "first tokens"),
+                                            (draws_the_next_token_from_the_parent, "second tokens after 2")])
+def test_chi_square_detects_a_biased_sampler(biased, caught):
+    """The statistical check is able to fail: slightly wrong verifiers, through the same helper as
+    the real ones, are caught (and at the first or the second token, as each bias predicts)."""
+    with pytest.raises(AssertionError, match=caught):
+        run_chi_square(tree_two_levels(), ROWS, SamplingParams(temperature=1.0), sampler=biased)
