@@ -73,7 +73,14 @@ def convert_gguf(gguf: Path) -> Path:
         save_file(state, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(config, indent=1, default=str))
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)  # atomic: a crash mid-write leaves no half-converted cache
+        try:
+            os.replace(tmp, target)  # atomic: a crash mid-write leaves no half-converted cache
+        except OSError:
+            # Another process converted the same file at the same time and renamed first: its
+            # folder is as good as ours.
+            if not (target / "model.safetensors").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -149,3 +149,24 @@ def test_missing_model_path_is_a_clear_error(capsys):
 
     assert main(["generate", "--prompt", "x", "--model", "/nonexistent/model"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_two_processes_converting_the_same_gguf_both_succeed(tmp_path, monkeypatch):
+    """Two first starts at once: the one that renames its converted folder second finds the
+    other's already there (os.replace refuses a non-empty folder) and uses it."""
+    import os
+    import shutil
+
+    import decoding.loader as loader
+
+    monkeypatch.setenv("LOGITSPEC_CACHE", str(tmp_path))
+    real_replace = os.replace
+
+    def other_process_first(src, dst):
+        shutil.copytree(src, dst)  # the other process's rename lands just before ours
+        real_replace(src, dst)
+
+    monkeypatch.setattr(loader.os, "replace", other_process_first)
+    folder = loader.convert_gguf(loader.default_model_path())
+    assert (folder / "model.safetensors").exists()
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # our temporary folder is gone
