@@ -15,6 +15,8 @@ class KVCache:
     cache never holds rejected branches and is never reallocated.
     """
 
+    ZERO_AHEAD = 64
+
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype):
         if num_slots < 1 or max_len < 1:
@@ -54,17 +56,25 @@ class KVCache:
             self._finite[slot] = 0
         heapq.heappush(self._free, slot)
 
-    def make_finite(self, slot: int, length: int) -> None:
-        """Zero cells [.., length) of `slot` that were never written. Every forward calls this for
-        what it will write or read before writing, so a cell holding K/V is always below the mark
-        and each cell is zeroed at most once (memory is still committed only as it is used)."""
+    def make_finite(self, slot: int, length: int, written: bool = False) -> None:
+        """Make cells [.., length) of `slot` finite before a forward reads them. written: the forward
+        writes every cell up to `length` that is not already below the mark (a sequence's own
+        cells: its past was written by its earlier forwards), so none needs zeroing. Every forward
+        calls this for what it writes or reads, before writing, so a cell holding K/V is always
+        below the mark, and each cell is zeroed at most once per occupant."""
         start = self._finite[slot]
         if start >= length:
             return
+        if written:
+            self._finite[slot] = length
+            return
+        # Ahead in steps of ZERO_AHEAD cells: a decoding step grows a sequence by a few cells, and
+        # zeroing those alone would cost two small writes per layer every step.
+        end = min(self.max_len, max(length, start + self.ZERO_AHEAD))
         for k, v in zip(self.k, self.v):
-            k[slot, :, start:length].zero_()
-            v[slot, :, start:length].zero_()
-        self._finite[slot] = length
+            k[slot, :, start:end].zero_()
+            v[slot, :, start:end].zero_()
+        self._finite[slot] = end
 
     def keep(self, slot: int, past_len: int, accepted: list[int]) -> None:
         """Move tree rows `accepted` (indices into the last forward's new tokens, ascending) to the front."""

@@ -93,11 +93,12 @@ class AttentionPlan:
         """Attention calls per layer."""
         return 1 if self.batched else len(self.masks)
 
-    def cells(self, batch: list[SeqBatchEntry]) -> list[tuple[int, int]]:
-        """(slot, length): the cache cells this forward writes or reads, per slot."""
+    def cells(self, batch: list[SeqBatchEntry]) -> list[tuple[int, int, bool]]:
+        """(slot, length, written): the cache cells this forward writes or reads, per slot, and
+        whether they are the sequence's own (written, so never read unwritten) or also padding."""
         if self.batched:
-            return [(s, self.l_max) for s in range(self.lo, self.lo + self.slots)]
-        return [(e.slot, e.past_len + e.n) for e in batch]
+            return [(s, self.l_max, False) for s in range(self.lo, self.lo + self.slots)]
+        return [(e.slot, e.past_len + e.n, True) for e in batch]
 
 
 def plan_attention(batch: list[SeqBatchEntry], device: torch.device, mode: str = "auto") -> AttentionPlan:
@@ -323,8 +324,8 @@ class Model:
 
         plan = plan_attention(batch, self.device, self.attention_mode)
         self.attention_calls += plan.calls * len(self.layers)
-        for slot, length in plan.cells(batch):
-            cache.make_finite(slot, length)
+        for slot, length, written in plan.cells(batch):
+            cache.make_finite(slot, length, written)
 
         for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):  # caches: [slots, kv_heads, max_len, hd]
             q, k, v = self._qkv(x, layer, cos, sin)  # [N, heads | kv_heads, hd]
