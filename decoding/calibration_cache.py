@@ -61,9 +61,15 @@ def calibration_key(loaded: LoadedModel, device: torch.device, dtype: torch.dtyp
     }
 
 
+def folder() -> Path:
+    """LOGITSPEC_CALIBRATION_CACHE, else `calibration` in the cache root (LOGITSPEC_CACHE)."""
+    own = os.environ.get("LOGITSPEC_CALIBRATION_CACHE")
+    return Path(own) if own else cache_root() / "calibration"
+
+
 def entry_path(key: dict) -> Path:
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return cache_root() / "calibration" / f"{key['model']['name']}-{digest}.json"
+    return folder() / f"{key['model']['name']}-{digest}.json"
 
 
 def load(key: dict, min_rounds: int) -> tuple[dict[int, float], dict] | None:

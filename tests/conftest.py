@@ -1,4 +1,8 @@
+import atexit
+import os
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +13,11 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from decoding.loader import LoadedModel  # noqa: E402
+
+# Every test run (and every server it starts) times its own forward calibrations: one cached by an
+# earlier run, perhaps on a busy machine, would make tree sizes depend on that run.
+os.environ["LOGITSPEC_CALIBRATION_CACHE"] = tempfile.mkdtemp(prefix="logitspec-test-calibration-")
+atexit.register(shutil.rmtree, os.environ["LOGITSPEC_CALIBRATION_CACHE"], True)
 
 
 class TinyTokenizer:

@@ -14,6 +14,7 @@ from decoding.engine import Engine
 @pytest.fixture
 def cache(tmp_path, monkeypatch):
     monkeypatch.setenv("LOGITSPEC_CACHE", str(tmp_path))
+    monkeypatch.delenv("LOGITSPEC_CALIBRATION_CACHE", raising=False)  # conftest's per-run folder
     return tmp_path / "calibration"
 
 
