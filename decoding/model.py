@@ -104,9 +104,10 @@ class AttentionPlan:
 def plan_attention(batch: list[SeqBatchEntry], device: torch.device, mode: str = "auto") -> AttentionPlan:
     """mode auto: one batched call on an accelerator (per-sequence calls are launch-bound there); on
     a CPU, batched unless padding adds more than half the query rows. Measured on a 2-core CPU
-    (bench/attention.py): batched took 0.84-0.91x the time of per-sequence calls for plain steps and
-    equal trees at 4-16 sequences, but 1.15-1.61x with one 16-node tree among single rows, where
-    padding every sequence to the tree's size costs more than the calls it saves."""
+    (bench/attention.py, docs/attention_cpu.txt): batched took 0.81-0.98x the time of per-sequence
+    calls for plain steps and 0.86-0.91x for equal trees at 4-16 sequences, but 1.07-1.51x with one
+    tree among single rows, where padding every sequence to the tree's size costs more than the
+    calls it saves."""
     rows = sum(e.n for e in batch)
     row_slot = torch.tensor([e.slot for e in batch for _ in range(e.n)])
     row_pos = torch.tensor([e.past_len + i for e in batch for i in range(e.n)])
@@ -147,7 +148,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bat
               plan: AttentionPlan) -> torch.Tensor:
     """q: [N, heads, hd] for the new rows, whose K/V are already in the cache ([slots, kv_heads,
     max_len, hd]); returns [N, heads * hd]."""
-    n_rows, heads, hd = q.shape
+    heads, hd = q.shape[1:]
     if plan.batched:
         padded = q.new_zeros(plan.slots * plan.n_max, heads, hd)
         padded[plan.q_index] = q
