@@ -66,6 +66,10 @@ class SeqBatchEntry:
     n: int  # new tokens this forward (prefill chunk, chain or tree)
     tree_mask: torch.Tensor | None  # [n, n] bool, None = causal among the new tokens
 
+    def new_rows_mask(self) -> torch.Tensor:
+        """[n, n] bool: which new rows each new row sees (its tree ancestors, or causal)."""
+        return self.tree_mask if self.tree_mask is not None else torch.ones(self.n, self.n, dtype=torch.bool).tril_()
+
 
 @dataclass(slots=True)
 class AttentionPlan:
@@ -126,7 +130,7 @@ def plan_attention(batch: list[SeqBatchEntry], device: torch.device, mode: str =
                 masks.append(None)
                 continue
             m = torch.ones(e.n, e.past_len + e.n, dtype=torch.bool)
-            m[:, e.past_len:] = e.tree_mask if e.tree_mask is not None else torch.ones(e.n, e.n, dtype=torch.bool).tril_()
+            m[:, e.past_len:] = e.new_rows_mask()
             masks.append(m.to(device))
         return AttentionPlan(row_slot.to(device), row_pos.to(device), False, masks=masks)
     l_max = max(e.past_len + e.n for e in batch)
@@ -138,8 +142,7 @@ def plan_attention(batch: list[SeqBatchEntry], device: torch.device, mode: str =
         q_index.extend(range(s * n_max, s * n_max + e.n))
         m = mask[s, 0, :e.n]
         m[:, :e.past_len] = True
-        m[:, e.past_len:e.past_len + e.n] = (e.tree_mask if e.tree_mask is not None
-                                             else torch.ones(e.n, e.n, dtype=torch.bool).tril_())
+        m[:, e.past_len:e.past_len + e.n] = e.new_rows_mask()
     return AttentionPlan(row_slot.to(device), row_pos.to(device), True, lo, slots, n_max, l_max,
                          torch.tensor(q_index, device=device), mask.to(device))
 
