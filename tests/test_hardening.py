@@ -562,40 +562,37 @@ def test_sigterm_finishes_running_streams_refuses_new_work_and_exits():
             server.proc.kill()
 
 
-def test_shutdown_grace_over_fails_the_rest_and_exits(tiny_loaded, caplog):
+def _stream_through_sigterm(tiny_loaded, caplog, step_seconds: float, grace: float, max_tokens: int):
+    """One stream on an in-process server that gets SIGTERM once the stream is under way; returns
+    the stream's lines and the server's log messages after it exited."""
     caplog.set_level(logging.INFO, logger="logitspec.server")
     engine = Engine(EngineConfig(max_batch=2, max_context=256), loaded=tiny_loaded)
-    engine.fault_hook = lambda seq, rows: time.sleep(0.05)  # slow enough to outlast the grace
-    live = LiveApp(create_app(engine, ServerSettings(model_name="tiny")), grace=0.5)
+    engine.fault_hook = lambda seq, rows: time.sleep(step_seconds)
+    live = LiveApp(create_app(engine, ServerSettings(model_name="tiny")), grace=grace)
     try:
-        lines = _stream_lines(live.url, 200, 3, lambda: live.server.handle_exit(signal.SIGTERM, None))
-        event, data = lines[-1]
-        assert event == "error"
-        assert json.loads(data)["error"] == {"message": "the server is shutting down", "type": "service_unavailable",
-                                             "param": None, "code": "generation_failed"}
+        lines = _stream_lines(live.url, max_tokens, 3, lambda: live.server.handle_exit(signal.SIGTERM, None))
         live.thread.join(15)
         assert not live.thread.is_alive()
     finally:
         live.stop()
-    said = [r.getMessage() for r in caplog.records if r.name == "logitspec.server"]
+    return lines, [r.getMessage() for r in caplog.records if r.name == "logitspec.server"]
+
+
+def test_shutdown_grace_over_fails_the_rest_and_exits(tiny_loaded, caplog):
+    # steps slow enough for the stream to outlast the grace
+    lines, said = _stream_through_sigterm(tiny_loaded, caplog, step_seconds=0.05, grace=0.5, max_tokens=200)
+    event, data = lines[-1]
+    assert event == "error"
+    assert json.loads(data)["error"] == {"message": "the server is shutting down", "type": "service_unavailable",
+                                         "param": None, "code": "generation_failed"}
     assert said[0] == "shutting down: draining 1 requests (grace 0.5 s)"
     assert re.fullmatch(r"shutting down: drained 0 requests in 0\.\d s, failing 1 still running", said[2]), said
     assert said[-1] == "stopped"
 
 
 def test_shutdown_logs_the_requests_it_drained(tiny_loaded, caplog):
-    caplog.set_level(logging.INFO, logger="logitspec.server")
-    engine = Engine(EngineConfig(max_batch=2, max_context=256), loaded=tiny_loaded)
-    engine.fault_hook = lambda seq, rows: time.sleep(0.02)
-    live = LiveApp(create_app(engine, ServerSettings(model_name="tiny")), grace=30)
-    try:
-        lines = _stream_lines(live.url, 30, 3, lambda: live.server.handle_exit(signal.SIGTERM, None))
-        assert lines[-1] == (None, "[DONE]")
-        live.thread.join(15)
-        assert not live.thread.is_alive()
-    finally:
-        live.stop()
-    said = [r.getMessage() for r in caplog.records if r.name == "logitspec.server"]
+    lines, said = _stream_through_sigterm(tiny_loaded, caplog, step_seconds=0.02, grace=30, max_tokens=30)
+    assert lines[-1] == (None, "[DONE]")
     assert said[0] == "shutting down: draining 1 requests (grace 30.0 s)"
     assert re.fullmatch(r"shutting down: drained 1 requests in \d+\.\d s", said[1]), said
     assert said[-1] == "stopped"
