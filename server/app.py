@@ -33,7 +33,7 @@ from server.access import Access
 from server.gate import APIKeys, Gate
 from server.metrics import Metrics
 from server.scheduler import Delta, Failed, Finished, GenRequest, QueueFull, Scheduler, ShuttingDown
-from server.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, ParamError
+from server.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, ParamError, printable
 from server.settings import ServerSettings
 
 log = logging.getLogger("logitspec.server")
@@ -56,15 +56,9 @@ class APIError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
 
 
-def _printable(text: str | None) -> str | None:
-    """Text that echoes a client's input (a parameter's name, a bad value) may not be valid Unicode:
-    escape what has no UTF-8 form, so the error itself can be sent."""
-    return None if text is None else text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
 def error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    return {"error": {"message": _printable(message), "type": ERROR_TYPES.get(status, "server_error"),
-                      "param": _printable(param), "code": code}}
+    return {"error": {"message": printable(message), "type": ERROR_TYPES.get(status, "server_error"),
+                      "param": None if param is None else printable(param), "code": code}}
 
 
 def error_response(status: int, message: str, param=None, code=None, headers=None) -> JSONResponse:

@@ -68,10 +68,16 @@ def invalid_text_at(value: Any) -> tuple | None:
     return None
 
 
+def printable(text: str) -> str:
+    """Text that echoes a client's input (a parameter's name, a bad value) may not be valid Unicode:
+    escape what has no UTF-8 form, so it can be sent back."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def param_name(path: tuple) -> str:
     """A JSON path as OpenAI-style `param` ("messages.0.content"), printable even when a key is not
     valid Unicode."""
-    return ".".join(str(p).encode("utf-8", "backslashreplace").decode("utf-8") for p in path)
+    return ".".join(printable(str(p)) for p in path)
 
 
 class Speculative(BaseModel):
