@@ -128,7 +128,7 @@ def mixed_step(model, cache):
 @pytest.mark.parametrize("mode", ["batched", "per-sequence"])
 def test_attention_modes_equal_separate_forwards(tiny_loaded, mode):
     model = Model(tiny_loaded.hf_config, tiny_loaded.state, torch.device("cpu"), torch.float32)
-    reference = mixed_step(model, model.new_cache(4, 64))  # auto: per-sequence here (padding > 2x)
+    reference = mixed_step(model, model.new_cache(4, 64))  # auto: per-sequence here (padding adds more than half the rows)
     model.attention_mode = mode
     calls = model.attention_calls
     out = mixed_step(model, model.new_cache(4, 64))
