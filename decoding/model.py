@@ -147,32 +147,98 @@ def plan_attention(batch: list[SeqBatchEntry], device: torch.device, mode: str =
                          torch.tensor(q_index, device=device), mask.to(device))
 
 
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
+          softcap: float | None) -> torch.Tensor:
+    """q [B, heads, n, hd], k/v [B, kv_heads, L, hd] (grouped-query), mask bool [.., n, L] or None
+    (every row sees every key). softcap: logits -> softcap * tanh(logits / softcap) before the
+    softmax (Gemma 2), which SDPA cannot do, so that case runs as plain products."""
+    if softcap is None:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q @ k.transpose(-1, -2)).float() * (scale if scale is not None else q.shape[-1] ** -0.5)
+    scores = softcap * torch.tanh(scores / softcap)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=-1).to(v.dtype) @ v
+
+
 def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: list[SeqBatchEntry],
-              plan: AttentionPlan) -> torch.Tensor:
+              plan: AttentionPlan, masks: list[torch.Tensor | None] | torch.Tensor | None = None,
+              scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """q: [N, heads, hd] for the new rows, whose K/V are already in the cache ([slots, kv_heads,
-    max_len, hd]); returns [N, heads * hd]."""
+    max_len, hd]); returns [N, heads * hd]. masks: the plan's masks, or a variant of them (a
+    sliding window's) in the same layout."""
     heads, hd = q.shape[1:]
+    if masks is None:
+        masks = plan.mask if plan.batched else plan.masks
     if plan.batched:
         padded = q.new_zeros(plan.slots * plan.n_max, heads, hd)
         padded[plan.q_index] = q
         view = slice(plan.lo, plan.lo + plan.slots)
-        o = F.scaled_dot_product_attention(
-            padded.view(plan.slots, plan.n_max, heads, hd).transpose(1, 2),  # [slots, heads, n_max, hd]
-            k_cache[view, :, :plan.l_max], v_cache[view, :, :plan.l_max],  # [slots, kv_heads, l_max, hd]
-            attn_mask=plan.mask, enable_gqa=True,
-        )  # [slots, heads, n_max, hd]
+        o = _sdpa(padded.view(plan.slots, plan.n_max, heads, hd).transpose(1, 2),  # [slots, heads, n_max, hd]
+                  k_cache[view, :, :plan.l_max], v_cache[view, :, :plan.l_max],  # [slots, kv_heads, l_max, hd]
+                  masks, scale, softcap)  # [slots, heads, n_max, hd]
         return o.transpose(1, 2).reshape(plan.slots * plan.n_max, heads * hd)[plan.q_index]
     outs, start = [], 0
-    for e, mask in zip(batch, plan.masks):
+    for e, mask in zip(batch, masks):
         end, total = start + e.n, e.past_len + e.n
-        o = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1).unsqueeze(0),  # [1, heads, n, hd]
-            k_cache[e.slot, :, :total].unsqueeze(0), v_cache[e.slot, :, :total].unsqueeze(0),
-            attn_mask=mask, enable_gqa=True,
-        )  # [1, heads, n, hd]
+        o = _sdpa(q[start:end].transpose(0, 1).unsqueeze(0),  # [1, heads, n, hd]
+                  k_cache[e.slot, :, :total].unsqueeze(0), v_cache[e.slot, :, :total].unsqueeze(0),
+                  mask, scale, softcap)  # [1, heads, n, hd]
         outs.append(o[0].transpose(0, 1).reshape(e.n, heads * hd))
         start = end
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+class LayerAttention:
+    """One forward's attention, layer by layer: `attend(layer, q, k, v)` writes the new rows' K/V
+    into the cache and returns their attention output. The model families call only this, so how
+    K/V are stored (slots now, blocks later) stays behind it.
+
+    Options a family may pass: scale (default 1/sqrt(head_dim)), window (a sliding window: a row
+    at position p sees keys at positions > p - window) and softcap (attention-logit soft-capping)."""
+
+    def __init__(self, cache: KVCache, batch: list[SeqBatchEntry], plan: AttentionPlan, positions: torch.Tensor):
+        self.cache, self.batch, self.plan = cache, batch, plan
+        self.positions = positions  # [N] the new rows' positions (a tree node's: past + depth)
+        self._window_masks: dict[int, list | torch.Tensor] = {}
+
+    def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
+                 window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+        plan = self.plan
+        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]  # [slots, kv_heads, max_len, hd]
+        k_cache[plan.row_slot, :, plan.row_pos] = k  # each row's K/V into its cell
+        v_cache[plan.row_slot, :, plan.row_pos] = v
+        masks = None if window is None else self._windowed(window)
+        return attention(q, k_cache, v_cache, self.batch, plan, masks, scale, softcap)
+
+    def _windowed(self, window: int):
+        """The plan's masks with keys at positions <= p - window hidden from a row at position p.
+        A past cell's position is its index; a new row's (a tree node's) is its own position."""
+        if window in self._window_masks:
+            return self._window_masks[window]
+        plan, positions = self.plan, self.positions.cpu()
+        if plan.batched:
+            qpos = torch.zeros(plan.slots * plan.n_max, dtype=torch.long)
+            qpos[plan.q_index.cpu()] = positions
+            kpos = torch.arange(plan.l_max).repeat(plan.slots, 1)  # [slots, l_max]
+            kpos[plan.row_slot.cpu() - plan.lo, plan.row_pos.cpu()] = positions
+            near = kpos[:, None, None, :] > qpos.view(plan.slots, 1, plan.n_max, 1) - window
+            padding = torch.ones(plan.slots * plan.n_max, dtype=torch.bool)
+            padding[plan.q_index.cpu()] = False
+            near[:, 0, :, 0] |= padding.view(plan.slots, plan.n_max)  # they keep their one cell (see plan_attention)
+            masks = plan.mask & near.to(plan.mask.device)
+        else:
+            masks, start = [], 0
+            for e, m in zip(self.batch, plan.masks):
+                pos = positions[start:start + e.n]
+                kpos = torch.cat([torch.arange(e.past_len), pos])
+                near = (kpos[None, :] > pos[:, None] - window).to(plan.row_pos.device)
+                masks.append(near if m is None else m & near)
+                start += e.n
+        self._window_masks[window] = masks
+        return masks
 
 
 def rope_inv_freq(hf: dict, head_dim: int) -> tuple[torch.Tensor, float]:
@@ -331,11 +397,10 @@ class Model:
         for slot, length, written in plan.cells(batch):
             cache.make_finite(slot, length, written)
 
-        for layer, k_cache, v_cache in zip(self.layers, cache.k, cache.v):  # caches: [slots, kv_heads, max_len, hd]
+        attend = LayerAttention(cache, batch, plan, positions)
+        for i, layer in enumerate(self.layers):
             q, k, v = self._qkv(x, layer, cos, sin)  # [N, heads | kv_heads, hd]
-            k_cache[plan.row_slot, :, plan.row_pos] = k  # each row's K/V into its cell
-            v_cache[plan.row_slot, :, plan.row_pos] = v
-            attn = attention(q, k_cache, v_cache, batch, plan)  # [N, heads * hd]
+            attn = attend(i, q, k, v)  # [N, heads * hd]
             x = self._mlp(x, attn, layer)
 
         if logit_rows is not None:

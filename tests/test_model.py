@@ -153,3 +153,66 @@ def test_batched_attention_ignores_garbage_in_unused_cells(tiny_loaded):
     cache.k[0][slot, :, :9] = float("nan")
     cache.release(slot, scrub=True)
     assert torch.equal(mixed_step(model, cache), reference)
+
+
+def naive_attention(q, keys, values, allowed, scale, softcap):
+    """One row: q [heads, hd], keys/values [L, kv_heads, hd], allowed [L] bool."""
+    heads, kv_heads = q.shape[0], keys.shape[1]
+    out = []
+    for h in range(heads):
+        kh = keys[:, h // (heads // kv_heads)]
+        s = (kh @ q[h]) * scale
+        if softcap is not None:
+            s = softcap * torch.tanh(s / softcap)
+        s = s.masked_fill(~allowed, float("-inf"))
+        out.append(torch.softmax(s, 0) @ values[:, h // (heads // kv_heads)])
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("mode", ["batched", "per-sequence"])
+@pytest.mark.parametrize("scale,window,softcap", [(None, None, None), (0.3, None, None), (None, 3, None),
+                                                  (None, None, 2.0), (0.5, 4, 1.5)])
+def test_layer_attention_options_match_a_naive_reference(mode, scale, window, softcap):
+    """The options model families pass (query scale, sliding window, logit soft-capping) on a
+    tree among single rows, against a row-by-row reference."""
+    from decoding.kv_cache import KVCache
+    from decoding.model import LayerAttention, plan_attention
+
+    torch.manual_seed(1)
+    heads, kv_heads, hd = 4, 2, 8
+    cache = KVCache(1, 4, kv_heads, 32, hd, torch.device("cpu"), torch.float32)
+    past = {2: 6, 0: 3, 3: 9}
+    seqs = {s: torch.randn(p, kv_heads, hd) for s, p in past.items()}
+    for s, kv in seqs.items():
+        cache.k[0][s, :, :past[s]] = kv.transpose(0, 1)
+        cache.v[0][s, :, :past[s]] = -kv.transpose(0, 1)
+        cache.make_finite(s, past[s], written=True)  # as a prefill would have marked them
+    t = DraftTree.root(7)
+    t.add(0, 30, "x")
+    n8 = t.add(0, 8, "x")
+    t.add(n8, 31, "x")
+    batch = [SeqBatchEntry(2, 6, len(t), t.attention_mask()), SeqBatchEntry(0, 3, 1, None),
+             SeqBatchEntry(3, 9, 1, None)]
+    n = sum(e.n for e in batch)
+    q, k, v = torch.randn(n, heads, hd), torch.randn(n, kv_heads, hd), torch.randn(n, kv_heads, hd)
+    plan = plan_attention(batch, torch.device("cpu"), mode)
+    for slot, length, written in plan.cells(batch):
+        cache.make_finite(slot, length, written)
+    positions = torch.tensor([6 + d for d in t.depths] + [3, 9])
+    out = LayerAttention(cache, batch, plan, positions)(0, q, k, v, scale=scale, window=window,
+                                                                  softcap=softcap)
+    row = 0
+    for e in batch:
+        mask = e.new_rows_mask()
+        keys = torch.cat([seqs[e.slot], k[row:row + e.n]])
+        values = torch.cat([-seqs[e.slot], v[row:row + e.n]])
+        depths = t.depths if e.n > 1 else [0]
+        for i in range(e.n):
+            pos = e.past_len + depths[i]
+            allowed = torch.cat([torch.ones(e.past_len, dtype=torch.bool), mask[i]])
+            if window is not None:
+                key_pos = torch.tensor(list(range(e.past_len)) + [e.past_len + d for d in depths])
+                allowed &= key_pos > pos - window
+            ref = naive_attention(q[row + i], keys, values, allowed, scale or hd ** -0.5, softcap)
+            assert torch.allclose(out[row + i], ref, atol=1e-5), (e.slot, i)
+        row += e.n
