@@ -10,6 +10,25 @@ ATTENTION = ("auto", "batched", "per-sequence")
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
 
 
+_UNITS = {"": 2**20, "k": 2**10, "ki": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mi": 2**20, "mib": 2**20,
+          "mb": 10**6, "g": 2**30, "gi": 2**30, "gib": 2**30, "gb": 10**9, "t": 2**40, "tib": 2**40, "tb": 10**12}
+
+
+def parse_size(text: str) -> int:
+    """Bytes in "2GiB", "512MiB", "1.5G", "800MB" or a bare number of MiB."""
+    s = text.strip().lower()
+    number = s.rstrip("abcdefghijklmnopqrstuvwxyz ")
+    unit = s[len(number):].strip()
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if unit not in _UNITS or not value > 0:
+        raise ValueError(f"a memory size is a positive number with an optional unit (KiB, MiB, GiB, MB, GB), "
+                         f"got {text!r}")
+    return int(value * _UNITS[unit])
+
+
 @dataclass(slots=True)
 class EngineConfig:
     model: str | None = None  # HF folder or .gguf file; None = embedded SmolLM2-135M-Instruct
@@ -33,6 +52,10 @@ class EngineConfig:
     # from the per-machine cache when an entry has at least this many (decoding/calibration_cache.py).
     calibration_rounds: int = 5
     recalibrate: bool = False  # time the forwards again even when the cache has them
+    # The paged KV cache's memory: a size ("2GiB", "512MiB", "1.5G") or auto (CPU: every slot's
+    # full context, at most 2 GiB; GPU: half the free memory once the weights are loaded).
+    kv_memory: str = "auto"
+    prefix_caching: bool = True  # reuse cached K/V of a prompt's prefix (whole blocks) across requests
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -50,5 +73,7 @@ class EngineConfig:
             raise ValueError(f"attention must be one of {', '.join(ATTENTION)}, got {self.attention!r}")
         if not 0.0 <= self.draft_margin <= 1.0:
             raise ValueError("draft_margin must be between 0 and 1")
+        if self.kv_memory != "auto":
+            parse_size(self.kv_memory)
         if self.threads < 0:
             raise ValueError("threads must be >= 0")

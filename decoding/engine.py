@@ -23,9 +23,10 @@ from dataclasses import dataclass, field
 import torch
 
 from decoding import calibration_cache
-from decoding.config import METHODS, EngineConfig
+from decoding.config import METHODS, EngineConfig, parse_size
 from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes
 from decoding.drafters import Drafter, Echo, make_drafter
+from decoding.kv_cache import KVCacheFull, bytes_per_token
 from decoding.loader import LoadedModel, load, log
 from decoding.model import Model, SeqBatchEntry
 from decoding.tree import DraftTree
@@ -60,6 +61,8 @@ class Sequence:
     slot: int = -1
     past_len: int = 0  # tokens whose K/V are in the slot
     root: int = -1  # the decided next token, not yet in the cache
+    cache_namespace: str = ""  # prefix-cache blocks are shared within one namespace only
+    cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     root_logits: torch.Tensor | None = None  # [vocab] the last logit, kept for LogitSpec's guesses
     echoes: list[Echo] = field(default_factory=list)  # LogitSpec's echoes for the root (Engine._keep_echoes)
     output: list[int] = field(default_factory=list)
@@ -137,7 +140,11 @@ class Engine:
         if config.compile:
             self.model.compile()
         max_len = min(config.max_context, self.model.config.max_position)
-        self.cache = self.model.new_cache(config.max_batch, max_len)
+        self.cache = self.model.new_cache(config.max_batch, max_len, self._kv_memory(max_len))
+        c = self.cache
+        log(f"KV cache: {c.num_blocks} blocks of {c.block_size} tokens ({c.num_blocks * c.block_size} tokens, "
+            f"{c.memory_bytes / 2**20:.0f} MiB), {c.num_slots} sequences of up to {c.max_len}; prefix caching "
+            + ("on" if config.prefix_caching else "off"))
         # One drafter per method; a sequence picks one when it starts (default: config.method).
         self.drafters: dict[str, Drafter] = {m: make_drafter(m) for m in METHODS}
         self.drafter = self.drafters[config.method]
@@ -165,6 +172,19 @@ class Engine:
         self.cost = self._calibrate() if config.adaptive and (config.method != "ar" or config.max_batch > 1) else None
 
     # ---- set-up -------------------------------------------------------------------------------
+
+    def _kv_memory(self, max_len: int) -> int:
+        """The KV cache's budget in bytes: --kv-memory, else every slot's full context capped at
+        2 GiB on a CPU (the pool's pages are committed only as blocks are first used), or half the
+        free memory on a GPU."""
+        if self.config.kv_memory != "auto":
+            return parse_size(self.config.kv_memory)
+        c = self.model.config
+        full = self.config.max_batch * max_len * bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
+        if self.device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.device)
+            return max(free // 2, bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype) * max_len)
+        return min(full, 2 * 2**30)
 
     def _stop_ids(self) -> frozenset[int]:
         ids = set()
@@ -251,8 +271,10 @@ class Engine:
 
     def new_sequence(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
                      index: SuffixIndex | None = None, logprobs: int | None = None,
-                     method: str | None = None) -> Sequence:
-        """Validate, allocate a KV slot and index the prompt; `prefill` then runs it through the model."""
+                     method: str | None = None, cache_namespace: str = "") -> Sequence:
+        """Validate, allocate a KV slot, take the prompt's cached prefix and index the prompt;
+        `prefill` then runs the rest through the model. cache_namespace: prefix-cache blocks are
+        shared only within one namespace (the server's: one per API key)."""
         if not prompt:
             raise ValueError("the prompt is empty")
         if method is not None and method not in self.drafters:
@@ -266,11 +288,17 @@ class Engine:
                        drafter=self.drafters[method] if method else self.drafter)
         seq.index.extend(prompt)
         seq.slot = self.cache.allocate()
+        seq.cache_namespace = cache_namespace
         return seq
 
     def prefill(self, seq: Sequence, max_chunks: int | None = None) -> bool:
         """Run up to `max_chunks` prompt chunks (all when None); True once the first token is decided."""
         t0 = time.perf_counter()
+        if self.config.prefix_caching and seq.past_len == 0 and not self.cache.tables[seq.slot]:
+            # Looked up when the prefill starts, not at admission: requests admitted together
+            # (16 sharing a system prompt) are prefilled one after another, and each finds the
+            # blocks the ones before it published.
+            seq.past_len = seq.cached_tokens = self.cache.attach_prefix(seq.slot, seq.prompt, seq.cache_namespace)
         done = 0
         while seq.past_len < len(seq.prompt) and (max_chunks is None or done < max_chunks):
             start = seq.past_len
@@ -287,6 +315,7 @@ class Engine:
                 continue
             seq.past_len += len(part)
             done += 1
+            self._publish(seq)
         self.times.prefill += time.perf_counter() - t0
         if seq.past_len < len(seq.prompt):
             return False
@@ -316,6 +345,14 @@ class Engine:
             # non-finite K/V behind; the next occupant's batched attention would read them.
             self.cache.release(seq.slot, scrub=seq.finish_reason not in ("stop", "length"))
             seq.slot = -1
+
+    def _publish(self, seq: Sequence) -> None:
+        """Offer the sequence's newly completed blocks to the prefix cache."""
+        if self.config.prefix_caching and self.cache.publishable(seq.slot, seq.past_len):
+            tokens = seq.prompt[:seq.past_len]
+            if len(tokens) < seq.past_len:
+                tokens = tokens + seq.output[:seq.past_len - len(tokens)]
+            self.cache.publish(seq.slot, tokens)
 
     def _decide_root(self, seq: Sequence, logits: torch.Tensor) -> None:
         """logits: [vocab], the target's distribution for the next token."""
@@ -394,6 +431,7 @@ class Engine:
         sized = [t for t in trees if t is not None]
         if live and not probe:
             sized = self._size_trees(live, sized)
+        live, sized = self._reserve(live, sized)
         t1 = time.perf_counter()
         mask_before, forwards_before = self.times.mask, self._forwards
         calls_before = self.model.attention_calls
@@ -426,6 +464,33 @@ class Engine:
                                     [len(emitted[id(s)]) for s, _ in done], t4 - t0,
                                     None if plain_estimate is None else plain_estimate * (self.plain_ratio or 1.0))
         return [emitted.get(id(s), []) for s in seqs]
+
+    def _reserve(self, seqs: list[Sequence], trees: list[DraftTree]) -> tuple[list[Sequence], list[DraftTree]]:
+        """KV blocks for every tree's cells. When the pool (--kv-memory) runs short, a tree is cut
+        to its root; a sequence that cannot get a block even for that ends here ("length")."""
+        kept_seqs, kept_trees = [], []
+        for seq, tree in zip(seqs, trees):
+            try:
+                self.cache.reserve(seq.slot, seq.past_len + len(tree))
+            except KVCacheFull:
+                try:
+                    self.cache.reserve(seq.slot, seq.past_len + 1)
+                except KVCacheFull:
+                    logger.warning("KV cache full: a sequence of %d tokens ends here (finish_reason length); "
+                                   "raise --kv-memory or lower --max-running", seq.past_len)
+                    seq.finish_reason = "length"
+                    continue
+                tree = DraftTree.root(seq.root)
+            kept_seqs.append(seq)
+            kept_trees.append(tree)
+        return kept_seqs, kept_trees
+
+    def admissible(self, prompt_len: int, running: int) -> bool:
+        """Whether a new sequence's prompt fits in the KV blocks free now, leaving one block of
+        room for each running sequence (always, when nothing runs: the pool holds a context)."""
+        if self.cache.free_slots == 0:
+            return False
+        return running == 0 or self.cache.free_blocks >= self.cache.blocks_for(prompt_len + 1) + running
 
     def _forward_trees(self, seqs: list[Sequence],
                        trees: list[DraftTree]) -> list[tuple[DraftTree, torch.Tensor | None]]:
@@ -536,6 +601,7 @@ class Engine:
         seq.output.extend(new)
         seq.step_sizes.append(len(new))
         seq.index.extend(new)
+        self._publish(seq)
         if seq.finish_reason is None and seq.past_len + 1 >= self.cache.max_len:
             seq.finish_reason = "length"
         if seq.finish_reason is None:

@@ -1,87 +1,253 @@
-"""Preallocated per-sequence KV slots, written at explicit positions and compacted after verification."""
+"""A paged KV cache with prefix caching.
+
+K and V live in fixed-size blocks drawn from one pool per layer, sized once from a memory budget.
+Each sequence seat (a "slot": at most `num_slots` sequences run at once) has a block table: cell c
+of the sequence (its token at position c) is offset c % block_size of block table[c // block_size].
+Memory therefore follows the tokens held, not seats x context.
+
+Prefix caching: a block whose every cell holds final K/V of known tokens is registered under a key
+chained from its tokens and its prefix's key (and a namespace: one API key never hits another's
+blocks). A new sequence takes the longest registered chain of its prompt's blocks instead of
+computing them (`attach_prefix`). Blocks are reference-counted and shared read-only: a sequence
+writes only at positions past its prompt's cached part, which lie in blocks of its own. A
+registered block that no sequence holds stays cached until the pool runs short, then the least
+recently released goes first.
+"""
 
 from __future__ import annotations
 
+import hashlib
 import heapq
+from array import array
+from collections import OrderedDict
 
 import torch
 
+DEFAULT_BLOCK_SIZE = 16
+
+
+class KVCacheFull(RuntimeError):
+    """No block is free or evictable: the pool (--kv-memory) is held by running sequences."""
+
+
+def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+    return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+
 
 class KVCache:
-    """K and V for `num_slots` sequences of up to `max_len` tokens each, one tensor pair per layer.
+    """K and V: one [kv_heads, num_blocks, block_size, head_dim] tensor per layer.
 
-    A forward writes a tree's K/V at positions past_len .. past_len + n - 1 of its slot; after
-    verification `keep` moves the accepted nodes' entries to the front of that region, so the
-    cache never holds rejected branches and is never reallocated.
+    That layout makes a sequence whose blocks are consecutive in the pool a plain view
+    [kv_heads, tokens, head_dim] for attention; other tables are gathered. Blocks are handed out
+    lowest first, and a sequence's next block is the one after its last when that one is free, so
+    a sequence's blocks are usually consecutive.
     """
 
-    ZERO_AHEAD = 64
-
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
-                 device: torch.device, dtype: torch.dtype):
+                 device: torch.device, dtype: torch.dtype, num_blocks: int | None = None,
+                 block_size: int = DEFAULT_BLOCK_SIZE):
         if num_slots < 1 or max_len < 1:
             raise ValueError("a KV cache needs at least one slot of at least one token")
-        shape = (num_slots, num_kv_heads, max_len, head_dim)
-        # torch.empty: the OS commits pages only when written, so unused capacity costs no memory on CPU.
+        per_seq = -(-max_len // block_size)
+        num_blocks = num_slots * per_seq if num_blocks is None else num_blocks
+        if num_blocks < per_seq:
+            raise ValueError(f"the KV cache holds {num_blocks * block_size} tokens, less than one context of "
+                             f"{max_len}: give it more memory or lower the context")
+        shape = (num_kv_heads, num_blocks, block_size, head_dim)
+        # torch.empty: on a CPU the OS commits pages only when written, so blocks never used cost
+        # no memory; a block is zeroed when first handed out (see _take).
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
-        self.num_slots = num_slots
-        self.max_len = max_len
-        # Per slot: cells below this hold finite values in every layer (written or zeroed). A
-        # batched attention call reads cells past a sequence's own length (masked, but a masked
-        # NaN still poisons the product), and torch.empty leaves them as whatever memory held.
-        self._finite = [0] * num_slots
-        # A heap: the lowest free slot is handed out first, so running sequences sit in few
-        # neighbouring slots and the batched attention's strided view over them wastes little.
-        self._free = list(range(num_slots))
+        self.device = device
+        self.num_slots, self.max_len = num_slots, max_len
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self.tables: list[list[int]] = [[] for _ in range(num_slots)]
+        self._free_slots = list(range(num_slots))
+        self._ref = [0] * num_blocks
+        self._free = set(range(num_blocks))  # held by no sequence and not cached
+        self._free_heap = list(range(num_blocks))  # the same, lowest first (stale entries skipped)
+        # Blocks that may hold non-finite values (never written, or left by a failed sequence):
+        # zeroed before use, since attention reads a block's unused cells masked, and a masked
+        # NaN still poisons a row.
+        self._dirty = bytearray(b"\x01") * num_blocks
+        # Prefix cache: key <-> block for registered blocks; registered blocks no sequence holds,
+        # least recently released first.
+        self._block_of: dict[bytes, int] = {}
+        self._key_of: dict[int, bytes] = {}
+        self._evictable: OrderedDict[int, None] = OrderedDict()
+        # Per slot: the chain of keys of its table's leading full blocks (registered or not) and
+        # the namespace they were chained from.
+        self._keys: list[list[bytes]] = [[] for _ in range(num_slots)]
+        self._namespace: list[str] = [""] * num_slots
+        self.queried_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.hit_tokens = 0  # ... found there
+        self.evicted_blocks = 0
+
+    # ---- seats -------------------------------------------------------------------------------
 
     @property
     def free_slots(self) -> int:
-        return len(self._free)
+        return len(self._free_slots)
 
     @property
     def used_slots(self) -> int:
-        return self.num_slots - len(self._free)
+        return self.num_slots - len(self._free_slots)
 
     def allocate(self) -> int:
-        if not self._free:
+        if not self._free_slots:
             raise RuntimeError("no free KV slot")
-        return heapq.heappop(self._free)
+        return heapq.heappop(self._free_slots)
 
     def release(self, slot: int, scrub: bool = False) -> None:
-        """scrub: the slot may hold non-finite K/V (its sequence failed); zero it before reuse."""
-        if slot in self._free or not 0 <= slot < self.num_slots:
+        """Give back the slot and its blocks. Its registered blocks stay cached; scrub: its blocks
+        may hold non-finite K/V (its sequence failed): none stays cached, and each is zeroed before
+        reuse."""
+        if slot in self._free_slots or not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} is not allocated")
-        if scrub:
-            self._finite[slot] = 0
-        heapq.heappush(self._free, slot)
+        for block in reversed(self.tables[slot]):  # a prefix's tail is evicted before its head
+            self._ref[block] -= 1
+            if self._ref[block]:
+                continue
+            if scrub:
+                self._dirty[block] = 1
+                self._unregister(block)
+            if block in self._key_of:
+                self._evictable[block] = None
+            else:
+                self._free.add(block)
+                heapq.heappush(self._free_heap, block)
+        self.tables[slot] = []
+        self._keys[slot] = []
+        heapq.heappush(self._free_slots, slot)
 
-    def make_finite(self, slot: int, length: int, written: bool = False) -> None:
-        """Make cells [.., length) of `slot` finite before a forward reads them. written: the forward
-        writes every cell up to `length` that is not already below the mark (a sequence's own
-        cells: its past was written by its earlier forwards), so none needs zeroing. Every forward
-        calls this for what it writes or reads, before writing, so a cell holding K/V is always
-        below the mark, and each cell is zeroed at most once per occupant."""
-        start = self._finite[slot]
-        if start >= length:
+    # ---- blocks ------------------------------------------------------------------------------
+
+    @property
+    def free_blocks(self) -> int:
+        """Blocks a sequence could take now: free ones and cached ones no sequence holds."""
+        return len(self._free) + len(self._evictable)
+
+    @property
+    def used_blocks(self) -> int:
+        return self.num_blocks - self.free_blocks
+
+    @property
+    def memory_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    @property
+    def cached_blocks(self) -> int:
+        return len(self._key_of)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+    def reserve(self, slot: int, length: int) -> None:
+        """Give the slot's table enough blocks for cells [0, length). Raises KVCacheFull."""
+        table = self.tables[slot]
+        while len(table) * self.block_size < length:
+            table.append(self._take(table[-1] + 1 if table else None))
+            self._ref[table[-1]] = 1
+
+    def _take(self, prefer: int | None) -> int:
+        if prefer is not None and prefer in self._free:
+            block = prefer
+            self._free.discard(block)
+        else:
+            block = None
+            while self._free_heap:
+                candidate = heapq.heappop(self._free_heap)
+                if candidate in self._free:
+                    self._free.discard(candidate)
+                    block = candidate
+                    break
+            if block is None:
+                if not self._evictable:
+                    raise KVCacheFull(f"all {self.num_blocks} KV blocks are held by running sequences")
+                block, _ = self._evictable.popitem(last=False)
+                self._unregister(block)
+                self.evicted_blocks += 1
+        if self._dirty[block]:
+            for k, v in zip(self.k, self.v):
+                k[:, block].zero_()
+                v[:, block].zero_()
+            self._dirty[block] = 0
+        return block
+
+    def _unregister(self, block: int) -> None:
+        key = self._key_of.pop(block, None)
+        if key is not None and self._block_of.get(key) == block:
+            del self._block_of[key]
+        self._evictable.pop(block, None)
+
+    # ---- prefix caching ------------------------------------------------------------------------
+
+    def _chain(self, prev: bytes, tokens: list[int]) -> bytes:
+        return hashlib.blake2b(prev + array("l", tokens).tobytes(), digest_size=16).digest()
+
+    def attach_prefix(self, slot: int, tokens: list[int], namespace: str = "") -> int:
+        """Start the (empty) slot's table with the longest cached chain of `tokens`' full blocks,
+        leaving at least the last token to compute (its logits are needed). Returns the number of
+        tokens whose K/V are now in place."""
+        if self.tables[slot]:
+            raise ValueError(f"slot {slot} already holds blocks")
+        self._namespace[slot] = namespace
+        bs = self.block_size
+        key = self._chain(b"", list(namespace.encode()))
+        keys = []
+        for i in range((len(tokens) - 1) // bs):
+            key = self._chain(key, tokens[i * bs:(i + 1) * bs])
+            block = self._block_of.get(key)
+            if block is None:
+                break
+            if self._ref[block] == 0:
+                self._evictable.pop(block, None)
+            self._ref[block] += 1
+            self.tables[slot].append(block)
+            keys.append(key)
+        self._keys[slot] = keys
+        self.queried_tokens += len(tokens)
+        self.hit_tokens += len(keys) * bs
+        return len(keys) * bs
+
+    def publishable(self, slot: int, length: int) -> bool:
+        """Whether `length` cells of the slot complete a block not yet offered to the cache."""
+        return min(length // self.block_size, len(self.tables[slot])) > len(self._keys[slot])
+
+    def publish(self, slot: int, tokens: list[int]) -> None:
+        """Register the slot's full blocks whose cells all hold final K/V: `tokens` are the tokens at
+        the slot's positions 0.. whose K/V are in the cache (no draft rows)."""
+        bs, table, keys = self.block_size, self.tables[slot], self._keys[slot]
+        full = min(len(tokens) // bs, len(table))
+        if len(keys) >= full:
             return
-        if written:
-            self._finite[slot] = length
-            return
-        # Ahead in steps of ZERO_AHEAD cells: a decoding step grows a sequence by a few cells, and
-        # zeroing those alone would cost two small writes per layer every step.
-        end = min(self.max_len, max(length, start + self.ZERO_AHEAD))
-        for k, v in zip(self.k, self.v):
-            k[slot, :, start:end].zero_()
-            v[slot, :, start:end].zero_()
-        self._finite[slot] = end
+        key = keys[-1] if keys else self._chain(b"", list(self._namespace[slot].encode()))
+        for i in range(len(keys), full):
+            key = self._chain(key, tokens[i * bs:(i + 1) * bs])
+            keys.append(key)
+            block = table[i]
+            if key not in self._block_of and block not in self._key_of:
+                self._block_of[key] = block
+                self._key_of[block] = key
+
+    # ---- cells -------------------------------------------------------------------------------
+
+    def cells(self, slot: int, start: int, n: int) -> tuple[list[int], list[int]]:
+        """(block, offset) of the slot's cells start .. start + n - 1."""
+        table, bs = self.tables[slot], self.block_size
+        cells = range(start, start + n)
+        return [table[c // bs] for c in cells], [c % bs for c in cells]
 
     def keep(self, slot: int, past_len: int, accepted: list[int]) -> None:
         """Move tree rows `accepted` (indices into the last forward's new tokens, ascending) to the front."""
         if accepted == list(range(len(accepted))):
             return  # already in place: the accepted path is a prefix (always so for chains)
-        src = torch.tensor(accepted, device=self.k[0].device) + past_len
-        dst = slice(past_len, past_len + len(accepted))
+        table, bs = self.tables[slot], self.block_size
+        src = [past_len + a for a in accepted]
+        src_b = torch.tensor([table[c // bs] for c in src], device=self.device)
+        src_o = torch.tensor([c % bs for c in src], device=self.device)
+        dst_b, dst_o = self.cells(slot, past_len, len(accepted))
+        dst_b, dst_o = torch.tensor(dst_b, device=self.device), torch.tensor(dst_o, device=self.device)
         for k, v in zip(self.k, self.v):
-            k[slot, :, dst] = k[slot, :, src]
-            v[slot, :, dst] = v[slot, :, src]
+            k[:, dst_b, dst_o] = k[:, src_b, src_o]
+            v[:, dst_b, dst_o] = v[:, src_b, src_o]

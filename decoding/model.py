@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from decoding.kv_cache import KVCache
+from decoding.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, bytes_per_token
 
 SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
 
@@ -73,78 +73,88 @@ class SeqBatchEntry:
 
 @dataclass(slots=True)
 class AttentionPlan:
-    """How one forward's rows meet the KV cache, worked out once and shared by every layer.
+    """How one forward's rows meet the paged KV cache, worked out once and shared by every layer.
 
-    Every new row's K/V go to (slot, position) in one indexed write per layer. Attention then runs
-    either as one call for the whole batch (`batched`): the queries padded to [slots, n_max] over
-    the cache's slots lo..hi as a strided view (no copy), with a [slots, 1, n_max, L_max] mask that
-    lets each row see its own slot's past and its tree ancestors; or as one call per sequence.
+    Every new row's K/V go to (block, offset) of its sequence's table in one indexed write per
+    layer. Attention then runs either as one call for the whole batch (`batched`): queries padded
+    to [sequences, n_max], keys gathered from the tables into [sequences, kv_heads, l_max, hd], and
+    a [sequences, 1, n_max, l_max] mask that lets each row see its own past and its tree
+    ancestors; or as one call per sequence over its blocks, a plain view of the pool when they are
+    consecutive there, else gathered.
     """
 
-    row_slot: torch.Tensor  # [N] cache slot of each new row
-    row_pos: torch.Tensor  # [N] its position in the slot
+    row_block: torch.Tensor  # [N] block of each new row's cell
+    row_off: torch.Tensor  # [N] offset in that block
+    row_seq: torch.Tensor  # [N] (CPU) its sequence's index in the batch
+    row_cell: torch.Tensor  # [N] (CPU) its cell in the sequence (past_len + i)
     batched: bool
-    lo: int = 0  # batched: slots lo..lo + slots - 1 are viewed
-    slots: int = 0
     n_max: int = 0
     l_max: int = 0
-    q_index: torch.Tensor | None = None  # [N] batched: each row's place in the padded [slots * n_max] queries
-    mask: torch.Tensor | None = None  # [slots, 1, n_max, l_max] bool (batched) ...
+    q_index: torch.Tensor | None = None  # [N] batched: each row's place in the padded [sequences * n_max] queries
+    tables: torch.Tensor | None = None  # [sequences, blocks] batched: the tables, padded
+    mask: torch.Tensor | None = None  # [sequences, 1, n_max, l_max] bool (batched) ...
     masks: list[torch.Tensor | None] | None = None  # ... or per sequence [n, past + n] (None: one row)
+    sources: list[tuple[int, int] | torch.Tensor] | None = None  # per sequence: (first block, blocks) or an index
 
     @property
     def calls(self) -> int:
         """Attention calls per layer."""
         return 1 if self.batched else len(self.masks)
 
-    def cells(self, batch: list[SeqBatchEntry]) -> list[tuple[int, int, bool]]:
-        """(slot, length, written): the cache cells this forward writes or reads, per slot, and
-        whether they are the sequence's own (written, so never read unwritten) or also padding."""
-        if self.batched:
-            return [(s, self.l_max, False) for s in range(self.lo, self.lo + self.slots)]
-        return [(e.slot, e.past_len + e.n, True) for e in batch]
 
-
-def plan_attention(batch: list[SeqBatchEntry], device: torch.device, mode: str = "auto") -> AttentionPlan:
-    """mode auto: one batched call on an accelerator (per-sequence calls are launch-bound there); on
-    a CPU, batched unless padding adds more than half the query rows. Measured on a 2-core CPU
-    (bench/attention.py, docs/attention_cpu.txt): batched took 0.81-0.98x the time of per-sequence
-    calls for plain steps and 0.86-0.91x for equal trees at 4-16 sequences, but 1.07-1.51x with one
-    tree among single rows, where padding every sequence to the tree's size costs more than the
-    calls it saves."""
-    rows = sum(e.n for e in batch)
-    row_slot = torch.tensor([e.slot for e in batch for _ in range(e.n)])
-    row_pos = torch.tensor([e.past_len + i for e in batch for i in range(e.n)])
-    lo = min(e.slot for e in batch)
-    slots = max(e.slot for e in batch) - lo + 1
+def plan_attention(batch: list[SeqBatchEntry], cache: KVCache, device: torch.device,
+                   mode: str = "auto") -> AttentionPlan:
+    """Reserve the cells this forward writes and plan its attention. mode auto: one batched call
+    on an accelerator (per-sequence calls are launch-bound there); on a CPU, batched unless padding
+    adds more than half the query rows. Measured on a 2-core CPU (bench/attention.py,
+    docs/attention_cpu.txt)."""
+    blocks, offsets = [], []
+    for e in batch:
+        cache.reserve(e.slot, e.past_len + e.n)
+        b, o = cache.cells(e.slot, e.past_len, e.n)
+        blocks += b
+        offsets += o
+    row_seq = torch.tensor([j for j, e in enumerate(batch) for _ in range(e.n)])
+    row_cell = torch.tensor([e.past_len + i for e in batch for i in range(e.n)])
+    row_block, row_off = torch.tensor(blocks, device=device), torch.tensor(offsets, device=device)
+    rows = len(blocks)
     n_max = max(e.n for e in batch)
     if mode == "auto":
         # One sequence is one call either way: the per-sequence path skips the padding and mask.
-        batched = len(batch) > 1 and (device.type != "cpu" or 2 * slots * n_max <= 3 * rows)
+        batched = len(batch) > 1 and (device.type != "cpu" or 2 * len(batch) * n_max <= 3 * rows)
     else:
         batched = mode == "batched"
     if not batched:
-        masks = []
+        masks, sources = [], []
         for e in batch:
+            table = cache.tables[e.slot][:cache.blocks_for(e.past_len + e.n)]
+            if table[-1] - table[0] == len(table) - 1:  # consecutive (a table never repeats a block)
+                sources.append((table[0], len(table)))
+            else:
+                sources.append(torch.tensor(table, device=device))
             if e.tree_mask is None and e.n == 1:
                 masks.append(None)
                 continue
             m = torch.ones(e.n, e.past_len + e.n, dtype=torch.bool)
             m[:, e.past_len:] = e.new_rows_mask()
             masks.append(m.to(device))
-        return AttentionPlan(row_slot.to(device), row_pos.to(device), False, masks=masks)
+        return AttentionPlan(row_block, row_off, row_seq, row_cell, False, masks=masks, sources=sources)
     l_max = max(e.past_len + e.n for e in batch)
-    mask = torch.zeros(slots, 1, n_max, l_max, dtype=torch.bool)
+    width = cache.blocks_for(l_max)
+    # Padding table entries repeat the sequence's own last block: cells read there are masked,
+    # and a block in use holds finite values.
+    tables = torch.tensor([t + [t[-1]] * (width - len(t))
+                           for t in (cache.tables[e.slot][:cache.blocks_for(e.past_len + e.n)] for e in batch)])
+    mask = torch.zeros(len(batch), 1, n_max, l_max, dtype=torch.bool)
     mask[:, 0, :, 0] = True  # padding rows see one cell, so no row is all -inf (their output is dropped)
     q_index = []
-    for e in batch:
-        s = e.slot - lo
+    for s, e in enumerate(batch):
         q_index.extend(range(s * n_max, s * n_max + e.n))
         m = mask[s, 0, :e.n]
         m[:, :e.past_len] = True
         m[:, e.past_len:e.past_len + e.n] = e.new_rows_mask()
-    return AttentionPlan(row_slot.to(device), row_pos.to(device), True, lo, slots, n_max, l_max,
-                         torch.tensor(q_index, device=device), mask.to(device))
+    return AttentionPlan(row_block, row_off, row_seq, row_cell, True, n_max, l_max,
+                         torch.tensor(q_index, device=device), tables.to(device), mask.to(device))
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
@@ -163,29 +173,39 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor 
     return torch.softmax(scores, dim=-1).to(v.dtype) @ v
 
 
-def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: list[SeqBatchEntry],
+def attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: list[SeqBatchEntry],
               plan: AttentionPlan, masks: list[torch.Tensor | None] | torch.Tensor | None = None,
               scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
-    """q: [N, heads, hd] for the new rows, whose K/V are already in the cache ([slots, kv_heads,
-    max_len, hd]); returns [N, heads * hd]. masks: the plan's masks, or a variant of them (a
+    """q: [N, heads, hd] for the new rows, whose K/V are already in the pool ([kv_heads, blocks,
+    block_size, hd]); returns [N, heads * hd]. masks: the plan's masks, or a variant of them (a
     sliding window's) in the same layout."""
     heads, hd = q.shape[1:]
+    kv_heads = k_pool.shape[0]
     if masks is None:
         masks = plan.mask if plan.batched else plan.masks
     if plan.batched:
-        padded = q.new_zeros(plan.slots * plan.n_max, heads, hd)
+        seqs = len(batch)
+        padded = q.new_zeros(seqs * plan.n_max, heads, hd)
         padded[plan.q_index] = q
-        view = slice(plan.lo, plan.lo + plan.slots)
-        o = _sdpa(padded.view(plan.slots, plan.n_max, heads, hd).transpose(1, 2),  # [slots, heads, n_max, hd]
-                  k_cache[view, :, :plan.l_max], v_cache[view, :, :plan.l_max],  # [slots, kv_heads, l_max, hd]
-                  masks, scale, softcap)  # [slots, heads, n_max, hd]
-        return o.transpose(1, 2).reshape(plan.slots * plan.n_max, heads * hd)[plan.q_index]
+
+        def gathered(pool):  # [kv_heads, seqs, width, block, hd] -> [seqs, kv_heads, l_max, hd] (a view)
+            return pool[:, plan.tables].permute(1, 0, 2, 3, 4).reshape(seqs, kv_heads, -1, hd)[:, :, :plan.l_max]
+
+        o = _sdpa(padded.view(seqs, plan.n_max, heads, hd).transpose(1, 2),  # [seqs, heads, n_max, hd]
+                  gathered(k_pool), gathered(v_pool), masks, scale, softcap)  # [seqs, heads, n_max, hd]
+        return o.transpose(1, 2).reshape(seqs * plan.n_max, heads * hd)[plan.q_index]
+
+    def keys(pool, source, total):  # [1, kv_heads, total, hd]
+        if isinstance(source, tuple):
+            first, count = source
+            return pool[:, first:first + count].reshape(kv_heads, -1, hd)[None, :, :total]
+        return pool[:, source].reshape(kv_heads, -1, hd)[None, :, :total]
+
     outs, start = [], 0
-    for e, mask in zip(batch, masks):
+    for e, mask, source in zip(batch, masks, plan.sources):
         end, total = start + e.n, e.past_len + e.n
         o = _sdpa(q[start:end].transpose(0, 1).unsqueeze(0),  # [1, heads, n, hd]
-                  k_cache[e.slot, :, :total].unsqueeze(0), v_cache[e.slot, :, :total].unsqueeze(0),
-                  mask, scale, softcap)  # [1, heads, n, hd]
+                  keys(k_pool, source, total), keys(v_pool, source, total), mask, scale, softcap)
         outs.append(o[0].transpose(0, 1).reshape(e.n, heads * hd))
         start = end
     return outs[0] if len(outs) == 1 else torch.cat(outs)
@@ -194,7 +214,7 @@ def attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, bat
 class LayerAttention:
     """One forward's attention, layer by layer: `attend(layer, q, k, v)` writes the new rows' K/V
     into the cache and returns their attention output. The model families call only this, so how
-    K/V are stored (slots now, blocks later) stays behind it.
+    K/V are stored stays behind it.
 
     Options a family may pass: scale (default 1/sqrt(head_dim)), window (a sliding window: a row
     at position p sees keys at positions > p - window) and softcap (attention-logit soft-capping)."""
@@ -207,11 +227,11 @@ class LayerAttention:
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                  window: int | None = None, softcap: float | None = None) -> torch.Tensor:
         plan = self.plan
-        k_cache, v_cache = self.cache.k[layer], self.cache.v[layer]  # [slots, kv_heads, max_len, hd]
-        k_cache[plan.row_slot, :, plan.row_pos] = k  # each row's K/V into its cell
-        v_cache[plan.row_slot, :, plan.row_pos] = v
+        k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]  # [kv_heads, blocks, block_size, hd]
+        k_pool[:, plan.row_block, plan.row_off] = k.transpose(0, 1)  # each row's K/V into its cell
+        v_pool[:, plan.row_block, plan.row_off] = v.transpose(0, 1)
         masks = None if window is None else self._windowed(window)
-        return attention(q, k_cache, v_cache, self.batch, plan, masks, scale, softcap)
+        return attention(q, k_pool, v_pool, self.batch, plan, masks, scale, softcap)
 
     def _windowed(self, window: int):
         """The plan's masks with keys at positions <= p - window hidden from a row at position p.
@@ -220,21 +240,22 @@ class LayerAttention:
             return self._window_masks[window]
         plan, positions = self.plan, self.positions.cpu()
         if plan.batched:
-            qpos = torch.zeros(plan.slots * plan.n_max, dtype=torch.long)
+            seqs = len(self.batch)
+            qpos = torch.zeros(seqs * plan.n_max, dtype=torch.long)
             qpos[plan.q_index.cpu()] = positions
-            kpos = torch.arange(plan.l_max).repeat(plan.slots, 1)  # [slots, l_max]
-            kpos[plan.row_slot.cpu() - plan.lo, plan.row_pos.cpu()] = positions
-            near = kpos[:, None, None, :] > qpos.view(plan.slots, 1, plan.n_max, 1) - window
-            padding = torch.ones(plan.slots * plan.n_max, dtype=torch.bool)
+            kpos = torch.arange(plan.l_max).repeat(seqs, 1)  # [seqs, l_max]
+            kpos[plan.row_seq, plan.row_cell] = positions
+            near = kpos[:, None, None, :] > qpos.view(seqs, 1, plan.n_max, 1) - window
+            padding = torch.ones(seqs * plan.n_max, dtype=torch.bool)
             padding[plan.q_index.cpu()] = False
-            near[:, 0, :, 0] |= padding.view(plan.slots, plan.n_max)  # they keep their one cell (see plan_attention)
+            near[:, 0, :, 0] |= padding.view(seqs, plan.n_max)  # they keep their one cell (see plan_attention)
             masks = plan.mask & near.to(plan.mask.device)
         else:
             masks, start = [], 0
             for e, m in zip(self.batch, plan.masks):
                 pos = positions[start:start + e.n]
                 kpos = torch.cat([torch.arange(e.past_len), pos])
-                near = (kpos[None, :] > pos[:, None] - window).to(plan.row_pos.device)
+                near = (kpos[None, :] > pos[:, None] - window).to(plan.row_block.device)
                 masks.append(near if m is None else m & near)
                 start += e.n
         self._window_masks[window] = masks
@@ -330,9 +351,15 @@ class Model:
         inv_freq, self.rope_scaling = rope_inv_freq(hf_config, cfg.head_dim)
         self.inv_freq = inv_freq.to(device)  # [head_dim / 2]
 
-    def new_cache(self, num_slots: int, max_len: int) -> KVCache:
+    def new_cache(self, num_slots: int, max_len: int, memory: int | None = None) -> KVCache:
+        """A paged cache for `num_slots` sequences of up to `max_len` tokens; memory: its budget in
+        bytes (None: room for every slot's full context)."""
         c = self.config
-        return KVCache(c.num_layers, num_slots, c.num_kv_heads, max_len, c.head_dim, self.device, self.dtype)
+        blocks = None
+        if memory is not None:
+            per_block = DEFAULT_BLOCK_SIZE * bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
+            blocks = max(1, memory // per_block)
+        return KVCache(c.num_layers, num_slots, c.num_kv_heads, max_len, c.head_dim, self.device, self.dtype, blocks)
 
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Computed in fp32 like the reference implementation, whatever the weight dtype.
@@ -392,10 +419,8 @@ class Model:
         cos, sin = self._rope(positions)
         x = self.embed[tokens]  # [N, hidden]
 
-        plan = plan_attention(batch, self.device, self.attention_mode)
+        plan = plan_attention(batch, cache, self.device, self.attention_mode)
         self.attention_calls += plan.calls * len(self.layers)
-        for slot, length, written in plan.cells(batch):
-            cache.make_finite(slot, length, written)
 
         attend = LayerAttention(cache, batch, plan, positions)
         for i, layer in enumerate(self.layers):

@@ -255,7 +255,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                            "max_tokens" if req.token_limit is not None else "messages", "context_length_exceeded")
         return limit
 
-    def submit_all(req, prompts: list[list[int]], index) -> list[GenRequest]:
+    def submit_all(req, prompts: list[list[int]], index, namespace: str) -> list[GenRequest]:
         gens = []
         try:
             for p_i, prompt in enumerate(prompts):
@@ -264,7 +264,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                     gens.append(scheduler.submit(GenRequest(
                         prompt=prompt, params=sampling(req, c), max_tokens=limit, stop=req.stop,
                         logprobs=req.logprobs_k, method=req.method,
-                        index=index if index is not None else request_index(),
+                        index=index if index is not None else request_index(), cache_namespace=namespace,
                         deadline=time.monotonic() + settings.request_timeout)))
         except QueueFull:
             for g in gens:
@@ -304,7 +304,9 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         check_model(req.model)
         check_limits(req, prompts, chat)
         index = session_index(req, request)
-        gens = submit_all(req, prompts, index)
+        # Prefix-cache blocks stay within the API key's namespace: a hit's timing would tell one
+        # key what another sent.
+        gens = submit_all(req, prompts, index, getattr(request.state, "key_namespace", ""))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"

@@ -56,6 +56,12 @@ def _engine_args(p: argparse.ArgumentParser, calibration_rounds: int = ENGINE["c
     p.add_argument("--calibration-rounds", type=int, default=calibration_rounds,
                    help="rounds of start-up forward timings when the calibration cache has none as long "
                         "(cache: LOGITSPEC_CACHE, else ~/.cache/logitspec)")
+    p.add_argument("--kv-memory", default=ENGINE["kv_memory"],
+                   help="memory for the paged KV cache, e.g. 2GiB or 512MiB (auto: every sequence's full context, "
+                        "at most 2 GiB, on a CPU; half the free memory on a GPU)")
+    p.add_argument("--no-prefix-caching", action="store_false", dest="prefix_caching",
+                   default=ENGINE["prefix_caching"],
+                   help="compute every prompt in full instead of reusing cached K/V of earlier prompts' prefixes")
     p.add_argument("--recalibrate", action="store_true", default=ENGINE["recalibrate"],
                    help="time the start-up forwards again instead of reading the calibration cache")
 
@@ -65,7 +71,8 @@ def _config(args, method: str, max_batch: int = ENGINE["max_batch"]) -> EngineCo
                         threads=args.threads, tree_capacity=args.tree_capacity, adaptive=args.adaptive,
                         max_context=args.max_context, sampler=args.sampler, draft_margin=args.draft_margin,
                         max_batch=max_batch, calibration_rounds=args.calibration_rounds,
-                        recalibrate=args.recalibrate, attention=args.attention, compile=args.compile)
+                        recalibrate=args.recalibrate, attention=args.attention, compile=args.compile,
+                        kv_memory=args.kv_memory, prefix_caching=args.prefix_caching)
 
 
 def _settings(args) -> ServerSettings:

@@ -65,10 +65,17 @@ class EngineCollector:
                 hits.add_metric([kind], h)
         yield look
         yield hits
+        cache = self.engine.cache
+        free = cache.free_blocks
         for name, help_, value in (
                 ("decode_steps", "Batched decoding steps run.", self.engine.times.steps),
                 ("decode_attention_calls", "Attention calls in decoding steps, all layers counted (per step: "
-                 "layers when the batch shares one call per layer).", self.engine.times.attention_calls)):
+                 "layers when the batch shares one call per layer).", self.engine.times.attention_calls),
+                ("prefix_cache_queries", "Prompt tokens looked up in the prefix cache (vLLM's "
+                 "prefix_cache_queries).", cache.queried_tokens),
+                ("prefix_cache_hits", "Prompt tokens whose K/V came from the prefix cache (vLLM's "
+                 "prefix_cache_hits).", cache.hit_tokens),
+                ("kv_blocks_evicted", "Cached KV blocks evicted to make room.", cache.evicted_blocks)):
             c = CounterMetricFamily(f"{PREFIX}_{name}", help_)
             c.add_metric([], value)
             yield c
@@ -78,6 +85,15 @@ class EngineCollector:
                 ("requests_waiting", "Sequences waiting for a KV slot.", counts["waiting"]),
                 ("kv_slots_used", "KV cache slots in use.", counts["kv_slots_used"]),
                 ("kv_slots", "KV cache slots in all.", self.engine.cache.num_slots),
+                ("kv_blocks_used", "KV cache blocks held by running sequences.", cache.num_blocks - free),
+                ("kv_blocks_free", "KV cache blocks a sequence could take (free, or cached and held by "
+                 "none).", free),
+                ("kv_blocks_cached", "KV cache blocks registered in the prefix cache (held or not).",
+                 cache.cached_blocks),
+                ("kv_blocks", "KV cache blocks in all.", cache.num_blocks),
+                ("kv_block_size", "Tokens per KV cache block.", cache.block_size),
+                ("kv_cache_usage_perc", "Share of the KV cache's blocks held by running sequences, 0 to 1 "
+                 "(vLLM's kv_cache_usage_perc).", (cache.num_blocks - free) / cache.num_blocks),
                 ("sessions", "Session suffix indexes held.", len(self.sessions)),
                 ("session_index_bytes", "Memory held by session suffix indexes (estimate).",
                  self.sessions.memory_bytes())):

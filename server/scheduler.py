@@ -18,6 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from decoding.engine import Engine, Sequence
+from decoding.kv_cache import KVCacheFull
 from decoding.verify import SamplingParams
 from retrieval.suffix_index import SuffixIndex
 from server.detokenizer import IncrementalDetokenizer
@@ -65,6 +66,7 @@ class GenRequest:
     method: str | None = None
     index: SuffixIndex | None = None
     deadline: float | None = None  # time.monotonic() limit
+    cache_namespace: str = ""  # prefix-cache blocks are shared only within one (one per API key)
     # set by the scheduler
     id: int = 0
     queue: asyncio.Queue | None = None
@@ -186,11 +188,12 @@ class Scheduler:
 
     def _admit(self) -> None:
         engine = self.engine
-        while self._waiting and engine.cache.free_slots > 0:
+        while self._waiting and engine.admissible(len(self._waiting[0].prompt),
+                                                  len(self._running) + len(self._prefilling)):
             req = self._waiting.popleft()
             try:
                 req.seq = engine.new_sequence(req.prompt, req.params, req.max_tokens, req.index,
-                                              req.logprobs, req.method)
+                                              req.logprobs, req.method, req.cache_namespace)
             except ValueError as e:
                 self._fail(req, str(e), 400)
                 continue
@@ -228,6 +231,11 @@ class Scheduler:
             req = self._prefilling[0]
             try:
                 ready = self.engine.prefill(req.seq, max_chunks=1)
+            except KVCacheFull:  # running sequences took the blocks this prompt needed
+                log.warning("KV cache full during the prefill of request %d", req.id)
+                self._prefilling.pop(0)
+                self._fail(req, "the KV cache is full; retry shortly", 503)
+                ready = False
             except Exception as e:  # this prompt alone fails
                 log.exception("prefill failed for request %d", req.id)
                 self._prefilling.pop(0)

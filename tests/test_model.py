@@ -138,20 +138,26 @@ def test_attention_modes_equal_separate_forwards(tiny_loaded, mode):
 
 
 def test_batched_attention_ignores_garbage_in_unused_cells(tiny_loaded):
-    """Cells a batched call reads but masks (past a sequence's length, idle slots) may hold
-    anything torch.empty left there; a NaN there would poison the whole row if read."""
+    """Cells a batched call reads but masks (past a sequence's length, padding table entries) may
+    hold anything torch.empty left there; a NaN there would poison the whole row if read."""
     model = Model(tiny_loaded.hf_config, tiny_loaded.state, torch.device("cpu"), torch.float32)
     model.attention_mode = "batched"
     reference = mixed_step(model, model.new_cache(4, 64))
     cache = model.new_cache(4, 64)
+    for _ in range(4):
+        cache.allocate()
     for k, v in zip(cache.k, cache.v):
         k.fill_(float("nan"))
         v.fill_(float("inf"))
     assert torch.equal(mixed_step(model, cache), reference)
-    # a failed sequence's slot may hold non-finite K/V: scrubbed on release, zeroed before reuse
-    slot = cache.allocate()  # slot 0: its cells up to the step's longest (9) are marked finite now
-    cache.k[0][slot, :, :9] = float("nan")
-    cache.release(slot, scrub=True)
+    # a failed sequence's blocks may hold non-finite K/V: scrubbed on release, zeroed before reuse
+    failed = list(cache.tables[0])  # slot 0's sequence is the shortest: its block is read past its end
+    for slot in range(4):
+        cache.release(slot, scrub=slot == 0)
+    for k in cache.k:
+        k[:, failed] = float("nan")  # as a failed sequence may leave them
+    for _ in range(4):
+        cache.allocate()
     assert torch.equal(mixed_step(model, cache), reference)
 
 
@@ -180,13 +186,16 @@ def test_layer_attention_options_match_a_naive_reference(mode, scale, window, so
 
     torch.manual_seed(1)
     heads, kv_heads, hd = 4, 2, 8
-    cache = KVCache(1, 4, kv_heads, 32, hd, torch.device("cpu"), torch.float32)
+    cache = KVCache(1, 4, kv_heads, 32, hd, torch.device("cpu"), torch.float32, block_size=4)
     past = {2: 6, 0: 3, 3: 9}
     seqs = {s: torch.randn(p, kv_heads, hd) for s, p in past.items()}
+    cache.reserve(1, 5)  # slot 1's blocks sit among the others': slot 2's tree lands in a block apart (gathered)
     for s, kv in seqs.items():
-        cache.k[0][s, :, :past[s]] = kv.transpose(0, 1)
-        cache.v[0][s, :, :past[s]] = -kv.transpose(0, 1)
-        cache.make_finite(s, past[s], written=True)  # as a prefill would have marked them
+        cache.reserve(s, past[s])
+        blocks, offsets = cache.cells(s, 0, past[s])
+        cache.k[0][:, blocks, offsets] = kv.transpose(0, 1)
+        cache.v[0][:, blocks, offsets] = -kv.transpose(0, 1)
+        cache.reserve(1, 4 * len(cache.tables[1]) + 1)
     t = DraftTree.root(7)
     t.add(0, 30, "x")
     n8 = t.add(0, 8, "x")
@@ -195,9 +204,7 @@ def test_layer_attention_options_match_a_naive_reference(mode, scale, window, so
              SeqBatchEntry(3, 9, 1, None)]
     n = sum(e.n for e in batch)
     q, k, v = torch.randn(n, heads, hd), torch.randn(n, kv_heads, hd), torch.randn(n, kv_heads, hd)
-    plan = plan_attention(batch, torch.device("cpu"), mode)
-    for slot, length, written in plan.cells(batch):
-        cache.make_finite(slot, length, written)
+    plan = plan_attention(batch, cache, torch.device("cpu"), mode)
     positions = torch.tensor([6 + d for d in t.depths] + [3, 9])
     out = LayerAttention(cache, batch, plan, positions)(0, q, k, v, scale=scale, window=window,
                                                                   softcap=softcap)
