@@ -339,11 +339,14 @@ class Engine:
             raise
         return seq
 
-    def stop_sequence(self, seq: Sequence) -> None:
+    def stop_sequence(self, seq: Sequence, scrub: bool | None = None) -> None:
+        """Release the sequence's slot and blocks. scrub (None: unless it ended normally): it may
+        have left non-finite K/V behind (failed, or stopped in its prefill), which must neither stay
+        in the prefix cache nor be read unzeroed by the next user of its blocks."""
         if seq.slot >= 0:
-            # A sequence that did not end normally (failed, cancelled, prefill error) may have left
-            # non-finite K/V behind; the next occupant's batched attention would read them.
-            self.cache.release(seq.slot, scrub=seq.finish_reason not in ("stop", "length"))
+            if scrub is None:
+                scrub = seq.finish_reason not in ("stop", "length")
+            self.cache.release(seq.slot, scrub=scrub)
             seq.slot = -1
 
     def _publish(self, seq: Sequence) -> None:

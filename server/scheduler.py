@@ -141,9 +141,9 @@ class Scheduler:
         if req.loop is not None and not req.loop.is_closed():
             req.loop.call_soon_threadsafe(req.queue.put_nowait, event)
 
-    def _release(self, req: GenRequest) -> None:
+    def _release(self, req: GenRequest, scrub: bool | None = None) -> None:
         if req.seq is not None:
-            self.engine.stop_sequence(req.seq)
+            self.engine.stop_sequence(req.seq, scrub)
         self._detach(req)
 
     @staticmethod
@@ -180,7 +180,8 @@ class Scheduler:
                     self._publish(req, Failed("the request's deadline passed", 504))
                 if req.cancelled:
                     group.remove(req)
-                    self._release(req)
+                    # A running sequence's K/V passed its steps' checks: its cached blocks stay.
+                    self._release(req, scrub=False if group is self._running else None)
         for req in list(self._waiting):
             if req.cancelled:
                 self._waiting.remove(req)

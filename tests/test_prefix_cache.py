@@ -1,0 +1,172 @@
+"""The paged KV cache's prefix caching: block bookkeeping on a bare cache, then the real model's
+greedy output with caching on and off, and a shared system prompt held once."""
+
+import pytest
+import torch
+
+from decoding.kv_cache import KVCache, KVCacheFull
+
+BS = 4
+
+
+def bare_cache(blocks=16, slots=4, max_len=16):
+    return KVCache(1, slots, 1, max_len, 2, torch.device("cpu"), torch.float32, num_blocks=blocks, block_size=BS)
+
+
+def run(cache, tokens, namespace=""):
+    """A sequence's life up to its prefill: attach, compute the rest, publish; returns (slot, hit)."""
+    slot = cache.allocate()
+    hit = cache.attach_prefix(slot, tokens, namespace)
+    cache.reserve(slot, len(tokens))
+    cache.publish(slot, tokens)
+    return slot, hit
+
+
+def test_a_hit_takes_whole_blocks_and_leaves_the_last_token_to_compute():
+    cache = bare_cache()
+    prompt = list(range(10, 22))  # 12 tokens: 3 full blocks
+    a, hit = run(cache, prompt)
+    assert hit == 0 and cache.cached_blocks == 3
+    b, hit = run(cache, prompt)
+    assert hit == 8  # the third block would leave nothing to compute: its last token's logits are needed
+    assert cache.tables[b][:2] == cache.tables[a][:2] and cache.tables[b][2] != cache.tables[a][2]
+    c, hit = run(cache, prompt + [99])
+    assert hit == 12 and cache.tables[c][:3] == cache.tables[a]
+    assert (cache.queried_tokens, cache.hit_tokens) == (12 + 12 + 13, 8 + 12)
+
+
+def test_keys_chain_the_prefix_and_the_namespace():
+    cache = bare_cache()
+    run(cache, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    assert run(cache, [0, 0, 0, 0, 5, 6, 7, 8, 9])[1] == 0  # same second block, other prefix: a miss
+    assert run(cache, [1, 2, 3, 4, 5, 6, 7, 8, 9], namespace="other key")[1] == 0
+    assert run(cache, [1, 2, 3, 4, 5, 6, 7, 8, 9])[1] == 8
+
+
+def test_shared_blocks_are_counted_and_cached_ones_evicted_least_recent_first():
+    cache = bare_cache(blocks=6, slots=3, max_len=12)
+    a, _ = run(cache, [1, 2, 3, 4, 5, 6, 7, 8, 9])  # 3 blocks, 2 full (registered)
+    b, hit = run(cache, [1, 2, 3, 4, 5, 6, 7, 8, 10])
+    assert hit == 8 and cache.used_blocks == 4  # the two full blocks once, a last block each
+    cache.release(a)
+    assert cache.used_blocks == 3  # b still holds the shared ones
+    cache.release(b)
+    assert cache.used_blocks == 0 and cache.cached_blocks == 2 and cache.free_blocks == 6
+    c, _ = run(cache, list(range(20, 32)))  # 3 blocks, all full: taken from the 4 free ones
+    cache.release(c)
+    assert cache.cached_blocks == 5 and cache.free_blocks == 6
+    d, hit = run(cache, [1, 2, 3, 4, 40, 41, 42, 43, 44])  # a hit on the first block makes it recent
+    assert hit == 4
+    cache.reserve(d, 24)  # 5 more blocks: the free one, then 4 evictions, least recently released first
+    assert cache.evicted_blocks == 4 and cache.cached_blocks == 2  # its own first, and its second (just registered)
+    assert cache.attach_prefix(cache.allocate(), list(range(20, 29))) == 0  # c's blocks were evicted
+    with pytest.raises(KVCacheFull):
+        cache.reserve(d, 28)
+    with pytest.raises(KVCacheFull):
+        cache.reserve(cache.allocate(), 1)
+
+
+def test_a_failed_sequence_leaves_nothing_in_the_prefix_cache():
+    cache = bare_cache()
+    a, _ = run(cache, [1, 2, 3, 4, 5, 6, 7, 8, 9])
+    cache.release(a, scrub=True)
+    assert cache.cached_blocks == 0 and run(cache, [1, 2, 3, 4, 5, 6, 7, 8, 9])[1] == 0
+
+
+def test_a_sequence_grows_into_the_next_block_when_it_is_free():
+    cache = bare_cache()
+    a = cache.allocate()
+    b = cache.allocate()
+    cache.reserve(a, 4)
+    cache.reserve(b, 4)
+    cache.reserve(a, 8)
+    cache.release(b)
+    cache.reserve(a, 16)
+    assert cache.tables[a] == [0, 2, 3, 4]  # block 1 was b's; a's later ones follow its own
+
+
+@pytest.mark.slow
+def test_multiturn_greedy_output_is_the_same_with_and_without_prefix_caching(real_loaded):
+    """Three chat turns, each prompt the whole conversation so far: alone and as a batch of two
+    conversations, ar and logitspec, caching on and off give the same tokens at every turn, and
+    with caching on each later turn computes only what its conversation added."""
+    from conftest import engines_for
+    from decoding.verify import SamplingParams
+
+    on = engines_for(real_loaded, max_context=1024, max_batch=2)
+    off = engines_for(real_loaded, max_context=1024, max_batch=2, prefix_caching=False)
+    questions = [["Name three rivers in Europe.", "Which of them is the longest?", "Say that in French."],
+                 ["Write a haiku about rain.", "Now one about snow.", "Which one do you prefer?"]]
+
+    def conversation(engines, method, batch):
+        engine = engines[method]
+        histories = [[{"role": "system", "content": "You are a concise assistant. " * 6}] for _ in questions]
+        answers, cached = [], []
+        for turn in range(3):
+            seqs = []
+            for conv, history in enumerate(histories[:2 if batch else 1]):
+                history.append({"role": "user", "content": questions[conv][turn]})
+                seq = engine.new_sequence(engine.chat_prompt(history), SamplingParams(), 16)
+                engine.prefill(seq)
+                seqs.append(seq)
+            while not all(s.finished for s in seqs):
+                running = [s for s in seqs if not s.finished]
+                engine.step(running)
+            for seq, history in zip(seqs, histories):
+                engine.stop_sequence(seq)
+                answers.append(seq.output)
+                cached.append((seq.cached_tokens, len(seq.prompt)))
+                history.append({"role": "assistant", "content": engine.tokenizer.decode(seq.output, skip_special_tokens=True)})
+        return answers, cached
+
+    for method, batch in (("ar", False), ("logitspec", False), ("logitspec", True)):
+        with_cache, cached = conversation(on, method, batch)
+        without, uncached = conversation(off, method, batch)
+        assert with_cache == without, (method, batch)
+        assert all(hit == 0 for hit, _ in uncached)
+        later = cached[2 if batch else 1:]  # every turn after the first
+        assert all(total - hit <= 60 for hit, total in later), (method, batch, cached)
+
+
+@pytest.mark.slow
+def test_sixteen_requests_sharing_a_system_prompt_hold_its_blocks_once(real_loaded):
+    """16 requests admitted together through the scheduler, all opening with the same ~1,000-token
+    system prompt: the first computes it, the 15 others find its blocks, and while all 16 run the
+    prompt's blocks are held once. Their greedy answers equal those of an engine without caching."""
+    from conftest import engines_for
+    from decoding.verify import SamplingParams
+    from server.scheduler import GenRequest, Scheduler
+
+    engine = engines_for(real_loaded, max_context=1536, max_batch=16)["logitspec"]
+    system = " ".join(f"Rule {i}: answer politely and cite the handbook section {i}." for i in range(70))
+    prompts = [engine.chat_prompt([{"role": "system", "content": system},
+                                   {"role": "user", "content": f"What is {i} plus {i}?"}]) for i in range(16)]
+    shared = 0
+    while all(p[shared] == prompts[0][shared] for p in prompts):
+        shared += 1
+    assert shared >= 1000
+    scheduler = Scheduler(engine)
+    reqs = [GenRequest(prompt=p, params=SamplingParams(), max_tokens=6) for p in prompts]
+    scheduler._waiting.extend(reqs)
+    scheduler._admit()  # all 16 at once, as the scheduler admits them
+    assert len(scheduler._prefilling) == 16
+    for req in scheduler._prefilling:  # then prefilled one after another, as its loop does
+        assert engine.prefill(req.seq)
+    cache = engine.cache
+    bs = cache.block_size
+    tables = [cache.tables[r.seq.slot] for r in reqs]
+    held = {b for t in tables for b in t}
+    assert [r.seq.cached_tokens for r in reqs[1:]] == [shared // bs * bs] * 15
+    assert all(t[:shared // bs] == tables[0][:shared // bs] for t in tables)
+    own = sum(len(t) - shared // bs for t in tables)
+    assert len(held) == shared // bs + own and cache.used_blocks == len(held)
+    outputs = {id(r): None for r in reqs}
+    seqs = [r.seq for r in reqs]
+    while not all(s.finished for s in seqs):
+        engine.step([s for s in seqs if not s.finished])
+    for r in reqs:
+        outputs[id(r)] = list(r.seq.output)
+        engine.stop_sequence(r.seq)
+    reference = engines_for(real_loaded, max_context=1536, prefix_caching=False)["ar"]
+    for r in (reqs[0], reqs[7]):
+        assert reference.generate(r.prompt, SamplingParams(), 6).output == outputs[id(r)]
