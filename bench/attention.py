@@ -86,7 +86,7 @@ def main() -> int:
                         torch.cuda.synchronize()
                     times[mode].append(time.perf_counter() - t0)
                     calls[mode] = model.attention_calls - before
-            auto = "batched" if plan_attention(batch, model.device, "auto").batched else "per-sequence"
+            auto = "batched" if plan_attention(batch, cache, model.device, "auto").batched else "per-sequence"
             per, bat = (1000 * statistics.median(times[m]) for m in ("per-sequence", "batched"))
             print(f"{b:>5} {label:<16} {auto:<12} {per:>10.1f} {calls['per-sequence']:>6} {bat:>10.1f} "
                   f"{calls['batched']:>6} {bat / per:>14.2f}x", flush=True)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import re
 from array import array
 from collections import OrderedDict
 
@@ -37,10 +38,10 @@ def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: to
 class KVCache:
     """K and V: one [kv_heads, num_blocks, block_size, head_dim] tensor per layer.
 
-    That layout makes a sequence whose blocks are consecutive in the pool a plain view
-    [kv_heads, tokens, head_dim] for attention; other tables are gathered. Blocks are handed out
-    lowest first, and a sequence's next block is the one after its last when that one is free, so
-    a sequence's blocks are usually consecutive.
+    That layout makes a run of consecutive blocks a plain view [kv_heads, tokens, head_dim] for
+    attention, so the allocator keeps a sequence's blocks consecutive where it can: its next block
+    is the one after its last when that one is free or merely cached, and a sequence starts in the
+    middle of the largest free run, leaving its neighbours room to grow (see _place).
     """
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
@@ -65,7 +66,7 @@ class KVCache:
         self._free_slots = list(range(num_slots))
         self._ref = [0] * num_blocks
         self._free = set(range(num_blocks))  # held by no sequence and not cached
-        self._free_heap = list(range(num_blocks))  # the same, lowest first (stale entries skipped)
+        self._free_flags = bytearray(b"\x01") * num_blocks  # the same, as flags (runs of free blocks)
         # Blocks that may hold non-finite values (never written, or left by a failed sequence):
         # zeroed before use, since attention reads a block's unused cells masked, and a masked
         # NaN still poisons a row.
@@ -115,7 +116,7 @@ class KVCache:
                 self._evictable[block] = None
             else:
                 self._free.add(block)
-                heapq.heappush(self._free_heap, block)
+                self._free_flags[block] = 1
         self.tables[slot] = []
         self._keys[slot] = []
         heapq.heappush(self._free_slots, slot)
@@ -150,29 +151,38 @@ class KVCache:
             self._ref[table[-1]] = 1
 
     def _take(self, prefer: int | None) -> int:
-        if prefer is not None and prefer in self._free:
-            block = prefer
-            self._free.discard(block)
+        if prefer is not None and prefer < self.num_blocks and (prefer in self._free or prefer in self._evictable):
+            block = prefer  # the sequence's blocks stay consecutive, even at a cached block's cost
         else:
-            block = None
-            while self._free_heap:
-                candidate = heapq.heappop(self._free_heap)
-                if candidate in self._free:
-                    self._free.discard(candidate)
-                    block = candidate
-                    break
-            if block is None:
-                if not self._evictable:
-                    raise KVCacheFull(f"all {self.num_blocks} KV blocks are held by running sequences")
-                block, _ = self._evictable.popitem(last=False)
-                self._unregister(block)
-                self.evicted_blocks += 1
+            block = self._place()
+        if block is None:
+            if not self._evictable:
+                raise KVCacheFull(f"all {self.num_blocks} KV blocks are held by running sequences")
+            block = next(iter(self._evictable))  # least recently released
+        if block in self._evictable:
+            self._unregister(block)
+            self.evicted_blocks += 1
+        self._free.discard(block)
+        self._free_flags[block] = 0
         if self._dirty[block]:
             for k, v in zip(self.k, self.v):
                 k[:, block].zero_()
                 v[:, block].zero_()
             self._dirty[block] = 0
         return block
+
+    def _place(self) -> int | None:
+        """Where a sequence's blocks start (or go on, when its next block is taken): in the largest
+        run of free blocks, at its start when nothing precedes it, else in its middle, which leaves
+        the sequence before it room to grow on consecutively too."""
+        best = None
+        for m in re.finditer(b"\x01+", self._free_flags):
+            if best is None or m.end() - m.start() > best.end() - best.start():
+                best = m
+        if best is None:
+            return None
+        start, end = best.span()
+        return start if start == 0 else start + (end - start) // 2
 
     def _unregister(self, block: int) -> None:
         key = self._key_of.pop(block, None)
@@ -231,6 +241,18 @@ class KVCache:
                 self._key_of[block] = key
 
     # ---- cells -------------------------------------------------------------------------------
+
+    def runs(self, slot: int, length: int) -> list[tuple[int, int, int, int]]:
+        """Cells [0, length) of the slot as runs of consecutive blocks in the pool: (first block,
+        blocks, first cell, end cell)."""
+        bs = self.block_size
+        table = self.tables[slot][:self.blocks_for(length)]
+        out, start = [], 0
+        for i in range(1, len(table) + 1):
+            if i == len(table) or table[i] != table[i - 1] + 1:
+                out.append((table[start], i - start, start * bs, min(i * bs, length)))
+                start = i
+        return out
 
     def cells(self, slot: int, start: int, n: int) -> tuple[list[int], list[int]]:
         """(block, offset) of the slot's cells start .. start + n - 1."""

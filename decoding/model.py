@@ -94,7 +94,8 @@ class AttentionPlan:
     tables: torch.Tensor | None = None  # [sequences, blocks] batched: the tables, padded
     mask: torch.Tensor | None = None  # [sequences, 1, n_max, l_max] bool (batched) ...
     masks: list[torch.Tensor | None] | None = None  # ... or per sequence [n, past + n] (None: one row)
-    sources: list[tuple[int, int] | torch.Tensor] | None = None  # per sequence: (first block, blocks) or an index
+    # per sequence: its cells as runs of consecutive blocks, (first block, blocks, first cell, end cell)
+    runs: list[list[tuple[int, int, int, int]]] | None = None
 
     @property
     def calls(self) -> int:
@@ -125,20 +126,16 @@ def plan_attention(batch: list[SeqBatchEntry], cache: KVCache, device: torch.dev
     else:
         batched = mode == "batched"
     if not batched:
-        masks, sources = [], []
+        masks, runs = [], []
         for e in batch:
-            table = cache.tables[e.slot][:cache.blocks_for(e.past_len + e.n)]
-            if table[-1] - table[0] == len(table) - 1:  # consecutive (a table never repeats a block)
-                sources.append((table[0], len(table)))
-            else:
-                sources.append(torch.tensor(table, device=device))
+            runs.append(cache.runs(e.slot, e.past_len + e.n))
             if e.tree_mask is None and e.n == 1:
                 masks.append(None)
                 continue
             m = torch.ones(e.n, e.past_len + e.n, dtype=torch.bool)
             m[:, e.past_len:] = e.new_rows_mask()
             masks.append(m.to(device))
-        return AttentionPlan(row_block, row_off, row_seq, row_cell, False, masks=masks, sources=sources)
+        return AttentionPlan(row_block, row_off, row_seq, row_cell, False, masks=masks, runs=runs)
     l_max = max(e.past_len + e.n for e in batch)
     width = cache.blocks_for(l_max)
     # Padding table entries repeat the sequence's own last block: cells read there are masked,
@@ -195,20 +192,61 @@ def attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch
                   gathered(k_pool), gathered(v_pool), masks, scale, softcap)  # [seqs, heads, n_max, hd]
         return o.transpose(1, 2).reshape(seqs * plan.n_max, heads * hd)[plan.q_index]
 
-    def keys(pool, source, total):  # [1, kv_heads, total, hd]
-        if isinstance(source, tuple):
-            first, count = source
-            return pool[:, first:first + count].reshape(kv_heads, -1, hd)[None, :, :total]
-        return pool[:, source].reshape(kv_heads, -1, hd)[None, :, :total]
-
     outs, start = [], 0
-    for e, mask, source in zip(batch, masks, plan.sources):
+    for e, mask, runs in zip(batch, masks, plan.runs):
         end, total = start + e.n, e.past_len + e.n
-        o = _sdpa(q[start:end].transpose(0, 1).unsqueeze(0),  # [1, heads, n, hd]
-                  keys(k_pool, source, total), keys(v_pool, source, total), mask, scale, softcap)
-        outs.append(o[0].transpose(0, 1).reshape(e.n, heads * hd))
+        if len(runs) == 1 or (k_pool.device.type != "cpu" or softcap is not None):
+            o = _sdpa(q[start:end].transpose(0, 1).unsqueeze(0),  # [1, heads, n, hd]
+                      _cells(k_pool, runs, total), _cells(v_pool, runs, total), mask, scale, softcap)
+            outs.append(o[0].transpose(0, 1).reshape(e.n, heads * hd))
+        else:
+            outs.append(_attention_over_runs(q[start:end], k_pool, v_pool, runs, mask, scale))
         start = end
     return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _cells(pool: torch.Tensor, runs: list[tuple[int, int, int, int]], total: int) -> torch.Tensor:
+    """[1, kv_heads, total, hd]: a sequence's K or V, a view of the pool when its blocks are one
+    run, else gathered."""
+    kv_heads, hd = pool.shape[0], pool.shape[-1]
+    if len(runs) == 1:
+        first, count, _, _ = runs[0]
+        return pool[:, first:first + count].reshape(kv_heads, -1, hd)[None, :, :total]
+    blocks = torch.tensor([b for first, count, _, _ in runs for b in range(first, first + count)], device=pool.device)
+    return pool[:, blocks].reshape(kv_heads, -1, hd)[None, :, :total]
+
+
+_flash_cpu = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _attention_over_runs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor,
+                         runs: list[tuple[int, int, int, int]], mask: torch.Tensor | None,
+                         scale: float | None) -> torch.Tensor:
+    """One sequence whose blocks lie in several runs of the pool (a shared prefix, then its own):
+    attention over each run as a view, merged by the runs' log-sum-exps, so no K/V is copied.
+    q [n, heads, hd] -> [n, heads * hd]. The query heads sharing a KV head are folded into rows
+    (grouped-query attention without expanding K/V)."""
+    n, heads, hd = q.shape
+    kv_heads = k_pool.shape[0]
+    group = heads // kv_heads
+    folded = q.view(n, kv_heads, group, hd).permute(1, 2, 0, 3).reshape(1, kv_heads, group * n, hd)
+    outs, lses = [], []
+    for first, count, c0, c1 in runs:
+        k = k_pool[:, first:first + count].reshape(kv_heads, -1, hd)[None, :, :c1 - c0]
+        v = v_pool[:, first:first + count].reshape(kv_heads, -1, hd)[None, :, :c1 - c0]
+        part = None if mask is None else mask[:, c0:c1].repeat(group, 1)  # [group * n, cells]
+        bias = None if part is None else torch.zeros(part.shape, dtype=q.dtype, device=q.device).masked_fill_(
+            ~part, float("-inf"))
+        o, lse = _flash_cpu(folded, k, v, attn_mask=bias, scale=scale)  # [1, kv_heads, group * n, hd], [1, kv_heads, group * n]
+        if part is not None:
+            seen = part.any(-1)  # a row that sees nothing here gets weight 0 (the kernel reports lse 0)
+            lse = lse.masked_fill(~seen, float("-inf"))
+            o = o.masked_fill(~seen[:, None], 0.0)
+        outs.append(o)
+        lses.append(lse)
+    weights = torch.softmax(torch.stack(lses).float(), dim=0).to(q.dtype)  # [runs, 1, kv_heads, group * n]
+    o = (torch.stack(outs) * weights[..., None]).sum(0)  # [1, kv_heads, group * n, hd]
+    return o.view(kv_heads, group, n, hd).permute(2, 0, 1, 3).reshape(n, heads * hd)
 
 
 class LayerAttention:

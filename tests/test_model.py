@@ -189,13 +189,17 @@ def test_layer_attention_options_match_a_naive_reference(mode, scale, window, so
     cache = KVCache(1, 4, kv_heads, 32, hd, torch.device("cpu"), torch.float32, block_size=4)
     past = {2: 6, 0: 3, 3: 9}
     seqs = {s: torch.randn(p, kv_heads, hd) for s, p in past.items()}
-    cache.reserve(1, 5)  # slot 1's blocks sit among the others': slot 2's tree lands in a block apart (gathered)
+    # Slot 1 computed and published two blocks; slot 2's prompt shares the first (a prefix hit),
+    # so its own blocks lie elsewhere: its attention spans two runs of the pool.
+    shared = list(range(8))
+    cache.reserve(1, 8)
+    cache.publish(1, shared)
+    assert cache.attach_prefix(2, shared[:4] + [50, 51]) == 4
     for s, kv in seqs.items():
         cache.reserve(s, past[s])
         blocks, offsets = cache.cells(s, 0, past[s])
         cache.k[0][:, blocks, offsets] = kv.transpose(0, 1)
         cache.v[0][:, blocks, offsets] = -kv.transpose(0, 1)
-        cache.reserve(1, 4 * len(cache.tables[1]) + 1)
     t = DraftTree.root(7)
     t.add(0, 30, "x")
     n8 = t.add(0, 8, "x")
@@ -205,6 +209,8 @@ def test_layer_attention_options_match_a_naive_reference(mode, scale, window, so
     n = sum(e.n for e in batch)
     q, k, v = torch.randn(n, heads, hd), torch.randn(n, kv_heads, hd), torch.randn(n, kv_heads, hd)
     plan = plan_attention(batch, cache, torch.device("cpu"), mode)
+    if not plan.batched:
+        assert len(plan.runs[0]) == 2  # slot 2: the shared block, then its own elsewhere
     positions = torch.tensor([6 + d for d in t.depths] + [3, 9])
     out = LayerAttention(cache, batch, plan, positions)(0, q, k, v, scale=scale, window=window,
                                                                   softcap=softcap)

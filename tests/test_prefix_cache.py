@@ -73,16 +73,23 @@ def test_a_failed_sequence_leaves_nothing_in_the_prefix_cache():
     assert cache.cached_blocks == 0 and run(cache, [1, 2, 3, 4, 5, 6, 7, 8, 9])[1] == 0
 
 
-def test_a_sequence_grows_into_the_next_block_when_it_is_free():
-    cache = bare_cache()
-    a = cache.allocate()
-    b = cache.allocate()
+def test_sequences_start_apart_and_grow_on_consecutive_blocks():
+    cache = bare_cache(blocks=16, max_len=64)
+    a, b = cache.allocate(), cache.allocate()
     cache.reserve(a, 4)
-    cache.reserve(b, 4)
-    cache.reserve(a, 8)
-    cache.release(b)
+    cache.reserve(b, 4)  # in the middle of the largest free run, leaving a room to grow
     cache.reserve(a, 16)
-    assert cache.tables[a] == [0, 2, 3, 4]  # block 1 was b's; a's later ones follow its own
+    cache.reserve(b, 8)
+    assert cache.tables[a] == [0, 1, 2, 3] and cache.tables[b] == [8, 9]
+    assert cache.runs(a, 14) == [(0, 4, 0, 14)]
+    cache.reserve(a, 40)  # 4 .. 7, then b's block: it goes on in the middle of the free run 10 .. 15
+    assert cache.tables[a] == [0, 1, 2, 3, 4, 5, 6, 7, 13, 14]
+    assert cache.runs(a, 37) == [(0, 8, 0, 32), (13, 2, 32, 37)]
+    cache.release(b)  # nothing registered: its blocks are free again
+    c = cache.allocate()
+    assert cache.attach_prefix(c, list(range(20))) == 0
+    cache.reserve(c, 4)
+    assert cache.tables[c] == [10]  # the middle of the free run 8 .. 12
 
 
 @pytest.mark.slow
