@@ -63,6 +63,8 @@ def main() -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--kv-memory", default=None, help="pass --kv-memory to the server (default: its auto)")
+    ap.add_argument("--root", default=str(ROOT), help="the checkout to start the server from (an older build "
+                    "without KV block metrics prints resident memory only)")
     args = ap.parse_args()
 
     from server_process import ServerProcess
@@ -70,7 +72,7 @@ def main() -> int:
     flags = ["--max-context", str(args.max_context), "--max-running", str(args.clients)]
     if args.kv_memory:
         flags += ["--kv-memory", args.kv_memory]
-    proc = ServerProcess(*flags)
+    proc = ServerProcess(*flags, root=Path(args.root))
     try:
         before = rss_mib(proc.proc.pid)
         g0 = gauges(proc.url)
@@ -80,7 +82,7 @@ def main() -> int:
         def sample():
             while not done.is_set():
                 peak["blocks"] = max(peak["blocks"], gauges(proc.url).get("kv_blocks_used", 0))
-                time.sleep(0.2)
+                time.sleep(0.05)
 
         sampler = threading.Thread(target=sample, daemon=True)
         sampler.start()
@@ -93,16 +95,17 @@ def main() -> int:
         g1 = gauges(proc.url)
     finally:
         proc.stop()
+    print(f"server: {args.root} --max-context {args.max_context} --max-running {args.clients}")
+    print(f"{args.clients} concurrent requests: {sum(tokens)} tokens generated in {seconds:.1f} s, all answered")
+    print(f"resident memory: {before[0]:.0f} MiB before, {after[0]:.0f} MiB after (peak {after[1]:.0f} MiB)")
+    if "kv_block_size" not in g0:
+        return 0
     block = g0["kv_block_size"]
-    print(f"server: --max-context {args.max_context} --max-running {args.clients}"
-          + (f" --kv-memory {args.kv_memory}" if args.kv_memory else "") + " (default model)")
     print(f"KV pool: {g0['kv_blocks']:.0f} blocks of {block:.0f} tokens = {g0['kv_blocks'] * block:.0f} tokens "
           f"(slots x context would be {args.clients} x {args.max_context} = {args.clients * args.max_context} tokens, "
           f"before the model's own context limit)")
-    print(f"{args.clients} concurrent requests: {sum(tokens)} tokens generated in {seconds:.1f} s, all answered")
     print(f"blocks in use at the peak (sampled): {peak['blocks']:.0f} = {peak['blocks'] * block:.0f} tokens; "
           f"after: used {g1['kv_blocks_used']:.0f}, cached {g1['kv_blocks_cached']:.0f}")
-    print(f"resident memory: {before[0]:.0f} MiB before, {after[0]:.0f} MiB after (peak {after[1]:.0f} MiB)")
     return 0
 
 

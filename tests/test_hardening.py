@@ -125,6 +125,24 @@ def test_right_key_passes_and_open_routes_stay_open(edge):
         assert httpx.get(edge.url + path).status_code != 401
 
 
+def test_prefix_cache_blocks_are_not_shared_across_api_keys(edge, tiny_engine):
+    """The same prompt sent again with the same key reuses its cached blocks; sent with another
+    key it finds none (a hit's timing would tell one key what the other sent)."""
+    cache = tiny_engine.cache
+    body = chat_body("the same long prompt, sent by two different API keys ")
+
+    def hits_of(key):
+        before = cache.hit_tokens
+        r = httpx.post(edge.url + "/v1/chat/completions", json=body, headers=auth(key))
+        assert r.status_code == 200, r.text
+        return cache.hit_tokens - before
+
+    hits_of(KEY_A)
+    assert hits_of(KEY_A) >= 3 * cache.block_size
+    assert hits_of(KEY_B) == 0
+    assert hits_of(KEY_B) >= 3 * cache.block_size
+
+
 @pytest.mark.parametrize("body, status, param, code", [
     (chat_body(n=3), 400, "n", "too_many_choices"),
     ({"prompt": ["a", "b", "c"], "max_tokens": 2}, 400, "n", "too_many_choices"),

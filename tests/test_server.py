@@ -170,6 +170,29 @@ def test_sessions_keyed_and_kept(server, client, model_name):
     assert server.health()["sessions"] == before + 3
 
 
+def prefix_hits(server) -> float:
+    for line in httpx.get(server.url + "/metrics").text.splitlines():
+        if line.startswith("logitspec_prefix_cache_hits_total "):
+            return float(line.split()[1])
+    raise AssertionError("no prefix-cache hit counter")
+
+
+def test_a_second_turn_reuses_the_first_turns_kv(server, client, model_name, tokenizer):
+    """A chat front-end sends the whole conversation again: the second turn finds the first turn's
+    prompt and answer in the prefix cache (whole blocks)."""
+    history = [{"role": "user", "content": "List the planets of the solar system, one per line, with one fact each."}]
+    first = client.chat.completions.create(model=model_name, messages=history, max_tokens=64, temperature=0,
+                                           extra_body={"prompt_cache_key": "turns"})
+    history += [{"role": "assistant", "content": first.choices[0].message.content},
+                {"role": "user", "content": "Repeat the list, without the facts."}]
+    before = prefix_hits(server)
+    second = client.chat.completions.create(model=model_name, messages=history, max_tokens=32, temperature=0,
+                                            extra_body={"prompt_cache_key": "turns"})
+    reused = prefix_hits(server) - before
+    assert reused >= (first.usage.prompt_tokens + first.usage.completion_tokens) // 16 * 16 - 16
+    assert reused < second.usage.prompt_tokens
+
+
 @pytest.mark.parametrize("body, status, param", [
     (b"{not json", 400, None),
     (b"[1, 2]", 400, None),
