@@ -63,6 +63,9 @@ class KVCache:
         self.num_slots, self.max_len = num_slots, max_len
         self.num_blocks, self.block_size = num_blocks, block_size
         self.tables: list[list[int]] = [[] for _ in range(num_slots)]
+        # Each seat's own blocks start at its home block when that one is free or merely cached:
+        # sequences that sit at home are one strided view of the pool for a batched attention call.
+        self.home_stride = num_blocks // num_slots
         self._free_slots = list(range(num_slots))
         self._ref = [0] * num_blocks
         self._free = set(range(num_blocks))  # held by no sequence and not cached
@@ -140,6 +143,19 @@ class KVCache:
     def cached_blocks(self) -> int:
         return len(self._key_of)
 
+    def home(self, slot: int) -> int:
+        return slot * self.home_stride
+
+    def make_finite(self, first: int, count: int) -> None:
+        """Zero the blocks first .. first + count - 1 that may hold non-finite values (a batched
+        call reads them masked); blocks in use are never among them."""
+        for block in range(first, min(first + count, self.num_blocks)):
+            if self._dirty[block]:
+                for k, v in zip(self.k, self.v):
+                    k[:, block].zero_()
+                    v[:, block].zero_()
+                self._dirty[block] = 0
+
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
 
@@ -147,12 +163,16 @@ class KVCache:
         """Give the slot's table enough blocks for cells [0, length). Raises KVCacheFull."""
         table = self.tables[slot]
         while len(table) * self.block_size < length:
-            table.append(self._take(table[-1] + 1 if table else None))
+            # A sequence grows on consecutively, even over a cached block; it starts at its seat's
+            # home block only when that one is free (a cached one may be another conversation's).
+            table.append(self._take(table[-1] + 1, evict=True) if table else self._take(self.home(slot), evict=False))
             self._ref[table[-1]] = 1
 
-    def _take(self, prefer: int | None) -> int:
-        if prefer is not None and prefer < self.num_blocks and (prefer in self._free or prefer in self._evictable):
-            block = prefer  # the sequence's blocks stay consecutive, even at a cached block's cost
+    def _take(self, prefer: int | None, evict: bool = True) -> int:
+        """prefer: the block wanted, taken when free (or cached and held by none, with evict)."""
+        if prefer is not None and prefer < self.num_blocks and (
+                prefer in self._free or (evict and prefer in self._evictable)):
+            block = prefer
         else:
             block = self._place()
         if block is None:
@@ -164,11 +184,7 @@ class KVCache:
             self.evicted_blocks += 1
         self._free.discard(block)
         self._free_flags[block] = 0
-        if self._dirty[block]:
-            for k, v in zip(self.k, self.v):
-                k[:, block].zero_()
-                v[:, block].zero_()
-            self._dirty[block] = 0
+        self.make_finite(block, 1)
         return block
 
     def _place(self) -> int | None:

@@ -85,17 +85,20 @@ class AttentionPlan:
 
     row_block: torch.Tensor  # [N] block of each new row's cell
     row_off: torch.Tensor  # [N] offset in that block
-    row_seq: torch.Tensor  # [N] (CPU) its sequence's index in the batch
+    row_seq: torch.Tensor  # [N] (CPU) its entry in a batched call's padded batch
     row_cell: torch.Tensor  # [N] (CPU) its cell in the sequence (past_len + i)
     batched: bool
     n_max: int = 0
     l_max: int = 0
     q_index: torch.Tensor | None = None  # [N] batched: each row's place in the padded [sequences * n_max] queries
     tables: torch.Tensor | None = None  # [sequences, blocks] batched: the tables, padded
-    mask: torch.Tensor | None = None  # [sequences, 1, n_max, l_max] bool (batched) ...
+    mask: torch.Tensor | None = None  # [seats, 1, n_max, l_max] bool (batched) ...
     masks: list[torch.Tensor | None] | None = None  # ... or per sequence [n, past + n] (None: one row)
     # per sequence: its cells as runs of consecutive blocks, (first block, blocks, first cell, end cell)
     runs: list[list[tuple[int, int, int, int]]] | None = None
+    seats: int = 0  # batched: entries of the padded batch (sequences, or seats lo..hi when at home)
+    home: int | None = None  # batched at home: the first seat's home block; seats are home_stride blocks apart
+    home_stride: int = 0
 
     @property
     def calls(self) -> int:
@@ -120,15 +123,22 @@ def plan_attention(batch: list[SeqBatchEntry], cache: KVCache, device: torch.dev
     row_block, row_off = torch.tensor(blocks, device=device), torch.tensor(offsets, device=device)
     rows = len(blocks)
     n_max = max(e.n for e in batch)
+    runs = [cache.runs(e.slot, e.past_len + e.n) for e in batch]
+    l_max = max(e.past_len + e.n for e in batch)
+    lo, hi = min(e.slot for e in batch), max(e.slot for e in batch)
+    at_home = (all(len(r) == 1 and r[0][0] == cache.home(e.slot) for r, e in zip(runs, batch))
+               and cache.home(hi) + cache.blocks_for(l_max) <= cache.num_blocks)
     if mode == "auto":
         # One sequence is one call either way: the per-sequence path skips the padding and mask.
-        batched = len(batch) > 1 and (device.type != "cpu" or 2 * len(batch) * n_max <= 3 * rows)
+        # On a CPU the batched call must also read its K/V in place (gathering them costs more
+        # than the calls it saves).
+        batched = len(batch) > 1 and (device.type != "cpu"
+                                      or (at_home and 2 * (hi - lo + 1) * n_max <= 3 * rows))
     else:
         batched = mode == "batched"
     if not batched:
-        masks, runs = [], []
+        masks = []
         for e in batch:
-            runs.append(cache.runs(e.slot, e.past_len + e.n))
             if e.tree_mask is None and e.n == 1:
                 masks.append(None)
                 continue
@@ -138,20 +148,35 @@ def plan_attention(batch: list[SeqBatchEntry], cache: KVCache, device: torch.dev
         return AttentionPlan(row_block, row_off, row_seq, row_cell, False, masks=masks, runs=runs)
     l_max = max(e.past_len + e.n for e in batch)
     width = cache.blocks_for(l_max)
-    # Padding table entries repeat the sequence's own last block: cells read there are masked,
-    # and a block in use holds finite values.
-    tables = torch.tensor([t + [t[-1]] * (width - len(t))
-                           for t in (cache.tables[e.slot][:cache.blocks_for(e.past_len + e.n)] for e in batch)])
-    mask = torch.zeros(len(batch), 1, n_max, l_max, dtype=torch.bool)
+    lo, hi = min(e.slot for e in batch), max(e.slot for e in batch)
+    if at_home:
+        # Every sequence is one run from its seat's home block: the seats lo..hi are one strided
+        # view of the pool, as slots were (no copy). Cells read there beyond a sequence's own
+        # (masked) must be finite.
+        seats = hi - lo + 1
+        for seat in range(lo, hi + 1):
+            cache.make_finite(cache.home(seat), width)
+        position = [e.slot - lo for e in batch]
+        home, tables = cache.home(lo), None
+    else:
+        # Padding table entries repeat the sequence's own last block: cells read there are masked,
+        # and a block in use holds finite values.
+        seats, position, home = len(batch), list(range(len(batch))), None
+        tables = torch.tensor([t + [t[-1]] * (width - len(t))
+                               for t in (cache.tables[e.slot][:cache.blocks_for(e.past_len + e.n)] for e in batch)])
+        tables = tables.to(device)
+    mask = torch.zeros(seats, 1, n_max, l_max, dtype=torch.bool)
     mask[:, 0, :, 0] = True  # padding rows see one cell, so no row is all -inf (their output is dropped)
     q_index = []
-    for s, e in enumerate(batch):
+    for s, e in zip(position, batch):
         q_index.extend(range(s * n_max, s * n_max + e.n))
         m = mask[s, 0, :e.n]
         m[:, :e.past_len] = True
         m[:, e.past_len:e.past_len + e.n] = e.new_rows_mask()
+    row_seq = torch.tensor([s for s, e in zip(position, batch) for _ in range(e.n)])
     return AttentionPlan(row_block, row_off, row_seq, row_cell, True, n_max, l_max,
-                         torch.tensor(q_index, device=device), tables.to(device), mask.to(device))
+                         torch.tensor(q_index, device=device), tables, mask.to(device), seats=seats, home=home,
+                         home_stride=cache.home_stride)
 
 
 def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
@@ -181,16 +206,22 @@ def attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch
     if masks is None:
         masks = plan.mask if plan.batched else plan.masks
     if plan.batched:
-        seqs = len(batch)
-        padded = q.new_zeros(seqs * plan.n_max, heads, hd)
+        seats = plan.seats
+        padded = q.new_zeros(seats * plan.n_max, heads, hd)
         padded[plan.q_index] = q
 
-        def gathered(pool):  # [kv_heads, seqs, width, block, hd] -> [seqs, kv_heads, l_max, hd] (a view)
-            return pool[:, plan.tables].permute(1, 0, 2, 3, 4).reshape(seqs, kv_heads, -1, hd)[:, :, :plan.l_max]
+        def keys(pool):  # [seats, kv_heads, l_max, hd]
+            if plan.home is not None:  # seats' home runs, one strided view
+                blocks, block, _ = pool.shape[1:]
+                return pool.as_strided((seats, kv_heads, plan.l_max, hd),
+                                       (plan.home_stride * block * hd, blocks * block * hd, hd, 1),
+                                       pool.storage_offset() + plan.home * block * hd)
+            # gathered: [kv_heads, seats, width, block, hd] -> [seats, kv_heads, l_max, hd] (a view of the copy)
+            return pool[:, plan.tables].permute(1, 0, 2, 3, 4).reshape(seats, kv_heads, -1, hd)[:, :, :plan.l_max]
 
-        o = _sdpa(padded.view(seqs, plan.n_max, heads, hd).transpose(1, 2),  # [seqs, heads, n_max, hd]
-                  gathered(k_pool), gathered(v_pool), masks, scale, softcap)  # [seqs, heads, n_max, hd]
-        return o.transpose(1, 2).reshape(seqs * plan.n_max, heads * hd)[plan.q_index]
+        o = _sdpa(padded.view(seats, plan.n_max, heads, hd).transpose(1, 2),  # [seats, heads, n_max, hd]
+                  keys(k_pool), keys(v_pool), masks, scale, softcap)  # [seats, heads, n_max, hd]
+        return o.transpose(1, 2).reshape(seats * plan.n_max, heads * hd)[plan.q_index]
 
     outs, start = [], 0
     for e, mask, runs in zip(batch, masks, plan.runs):
@@ -278,7 +309,7 @@ class LayerAttention:
             return self._window_masks[window]
         plan, positions = self.plan, self.positions.cpu()
         if plan.batched:
-            seqs = len(self.batch)
+            seqs = plan.seats
             qpos = torch.zeros(seqs * plan.n_max, dtype=torch.long)
             qpos[plan.q_index.cpu()] = positions
             kpos = torch.arange(plan.l_max).repeat(seqs, 1)  # [seqs, l_max]

@@ -110,18 +110,20 @@ def test_unsupported_architecture_is_a_clear_error(tiny_loaded):
 
 def mixed_step(model, cache):
     """One decoding step as the engine builds it: a tree in slot 2, single rows in slots 0 and 3
-    (slot 1 idle), after prefilling each. Returns the step's logits."""
-    prompts = {0: [5, 17, 3], 2: [9, 41, 8, 60, 22], 3: [11, 12]}
+    (slot 1 idle), after prefilling each. Slot 2 holds more than a block (16 cells), so a batched
+    call reads the others' cells past their own block. Returns the step's logits."""
+    long = [9, 41, 8, 60, 22] * 4
+    prompts = {0: [5, 17, 3], 2: long, 3: [11, 12]}
     for slot, p in prompts.items():
         prefill(model, cache, slot, p)
     t = DraftTree.root(7)
     t.add(0, 30, "x")
     n8 = t.add(0, 8, "x")
     t.add(n8, 31, "x")
-    batch = [SeqBatchEntry(2, 5, len(t), t.attention_mask()), SeqBatchEntry(0, 3, 1, None),
+    batch = [SeqBatchEntry(2, len(long), len(t), t.attention_mask()), SeqBatchEntry(0, 3, 1, None),
              SeqBatchEntry(3, 2, 1, None)]
     tokens = torch.tensor(t.tokens + [44, 45])
-    positions = torch.tensor([5 + d for d in t.depths] + [3, 2])
+    positions = torch.tensor([len(long) + d for d in t.depths] + [3, 2])
     return model.forward(tokens, positions, batch, cache)
 
 

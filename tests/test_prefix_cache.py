@@ -73,23 +73,39 @@ def test_a_failed_sequence_leaves_nothing_in_the_prefix_cache():
     assert cache.cached_blocks == 0 and run(cache, [1, 2, 3, 4, 5, 6, 7, 8, 9])[1] == 0
 
 
-def test_sequences_start_apart_and_grow_on_consecutive_blocks():
-    cache = bare_cache(blocks=16, max_len=64)
+def test_sequences_start_at_home_and_grow_on_consecutive_blocks():
+    cache = bare_cache(blocks=32, max_len=64)  # 4 seats: homes at blocks 0, 8, 16, 24
     a, b = cache.allocate(), cache.allocate()
     cache.reserve(a, 4)
-    cache.reserve(b, 4)  # in the middle of the largest free run, leaving a room to grow
+    cache.reserve(b, 4)
     cache.reserve(a, 16)
     cache.reserve(b, 8)
     assert cache.tables[a] == [0, 1, 2, 3] and cache.tables[b] == [8, 9]
     assert cache.runs(a, 14) == [(0, 4, 0, 14)]
-    cache.reserve(a, 40)  # 4 .. 7, then b's block: it goes on in the middle of the free run 10 .. 15
-    assert cache.tables[a] == [0, 1, 2, 3, 4, 5, 6, 7, 13, 14]
-    assert cache.runs(a, 37) == [(0, 8, 0, 32), (13, 2, 32, 37)]
-    cache.release(b)  # nothing registered: its blocks are free again
+    cache.reserve(a, 40)  # 4 .. 7, then b's block: it goes on in the middle of the largest free run, 10 .. 31
+    assert cache.tables[a] == [0, 1, 2, 3, 4, 5, 6, 7, 21, 22]
+    assert cache.runs(a, 37) == [(0, 8, 0, 32), (21, 2, 32, 37)]
+    cache.release(b)  # nothing registered: its blocks are free again, and the next sequence of its seat starts there
     c = cache.allocate()
     assert cache.attach_prefix(c, list(range(20))) == 0
     cache.reserve(c, 4)
-    assert cache.tables[c] == [10]  # the middle of the free run 8 .. 12
+    assert cache.tables[c] == [8]
+
+
+def test_a_cached_home_block_is_left_to_its_conversation():
+    cache = bare_cache(blocks=32, max_len=64)
+    a = cache.allocate()
+    run_tokens = list(range(100, 120))
+    assert cache.attach_prefix(a, run_tokens) == 0
+    cache.reserve(a, 20)
+    cache.publish(a, run_tokens)
+    cache.release(a)  # blocks 0 .. 4 cached
+    b = cache.allocate()  # the same seat, another conversation: it starts elsewhere
+    cache.reserve(b, 4)
+    assert cache.tables[b] != [0] and cache.cached_blocks == 5
+    cache.release(b)
+    c = cache.allocate()
+    assert cache.attach_prefix(c, run_tokens + [7]) == 20 and cache.tables[c] == [0, 1, 2, 3, 4]
 
 
 @pytest.mark.slow
