@@ -27,7 +27,8 @@ from decoding.config import METHODS, EngineConfig
 from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes
 from decoding.drafters import Drafter, Echo, make_drafter
 from decoding.loader import LoadedModel, load, log
-from decoding.model import Model, SeqBatchEntry
+from decoding.families import build_model
+from decoding.model import Runner, SeqBatchEntry
 from decoding.tree import DraftTree
 from decoding.verify import (SamplingParams, coupled_sample, make_generator, processed_probs, sample, verify_coupled,
                              verify_greedy, verify_sampling)
@@ -124,7 +125,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, model: Model | None = None):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, model: Runner | None = None):
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -132,7 +133,8 @@ class Engine:
         self.tokenizer = self.loaded.tokenizer
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
-        self.model = model or Model(self.loaded.hf_config, self.loaded.state, self.device, self.dtype)
+        self.model = model or build_model(self.loaded.hf_config, self.loaded.state, self.device, self.dtype,
+                                          config.runner)
         self.model.attention_mode = config.attention
         if config.compile:
             self.model.compile()

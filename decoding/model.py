@@ -427,15 +427,21 @@ class Model(Runner):
     def _activation(self) -> str:
         return getattr(self.hf, "hidden_act", "silu")
 
+    layer_class: type[Layer] = Layer  # a family with more weights per layer extends Layer
+
     def _load_layer(self, w: Checkpoint, p: str) -> Layer:
-        return Layer(
+        return self.layer_class(**self._attention_weights(w, p), **self._mlp_weights(w, p))
+
+    def _attention_weights(self, w: Checkpoint, p: str) -> dict:
+        return dict(
             input_norm=self._norm_weight(w, p + "input_layernorm.weight"),
             qkv=w.linear(p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"),
             o_proj=w.linear(p + "self_attn.o_proj"),
             post_attention_norm=self._norm_weight(w, p + "post_attention_layernorm.weight"),
-            gate_up=w.linear(p + "mlp.gate_proj", p + "mlp.up_proj"),
-            down=w.linear(p + "mlp.down_proj"),
         )
+
+    def _mlp_weights(self, w: Checkpoint, p: str) -> dict:
+        return dict(gate_up=w.linear(p + "mlp.gate_proj", p + "mlp.up_proj"), down=w.linear(p + "mlp.down_proj"))
 
     def _norm_weight(self, w: Checkpoint, name: str) -> torch.Tensor:
         return w(name)
