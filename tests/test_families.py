@@ -1,0 +1,192 @@
+"""Every native family, and the transformers fallback runner, against transformers itself.
+
+Each family's tiny randomly initialised model (its own config class, 2 layers, hidden 64, weights
+scaled up so that logits are not near-ties, norm weights perturbed so that a norm's formula
+matters) is saved to a folder and loaded through the project's loader. Checks: logits equal to
+transformers' forward, greedy output equal to transformers `generate` for 32 tokens, a tree
+forward equal to sequential decoding, rows independent of the batch (both attention modes), and
+speculative greedy (pld, logitspec) equal to `ar`."""
+
+import json
+
+import pytest
+import torch
+
+from decoding.families import NATIVE, build_model
+from decoding.loader import load
+from decoding.model import SeqBatchEntry
+from decoding.tree import DraftTree
+from decoding.verify import SamplingParams
+from conftest import engines_for
+
+VOCAB = 128
+COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=16, max_position_embeddings=256, initializer_range=0.1,
+              tie_word_embeddings=False, bos_token_id=2, eos_token_id=None, pad_token_id=0)
+WINDOW = 6  # sliding windows shorter than the prompt, so that they matter
+ALTERNATING = ["sliding_attention", "full_attention"]
+
+# name -> (config class, its options, runner); the runner is native unless said otherwise
+FAMILIES = {
+    "llama3": ("LlamaConfig", dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
+                                                        low_freq_factor=1.0, high_freq_factor=4.0,
+                                                        original_max_position_embeddings=32)), "native"),
+    "qwen2": ("Qwen2Config", {}, "native"),
+    "qwen3": ("Qwen3Config", {}, "native"),
+    "mistral": ("MistralConfig", dict(sliding_window=WINDOW), "native"),
+    "gemma2": ("Gemma2Config", dict(sliding_window=WINDOW, layer_types=ALTERNATING, query_pre_attn_scalar=24,
+                                    attn_logit_softcapping=3.0, final_logit_softcapping=8.0,
+                                    tie_word_embeddings=True), "native"),
+    "gemma3": ("Gemma3TextConfig", dict(sliding_window=WINDOW, layer_types=ALTERNATING, query_pre_attn_scalar=24,
+                                        final_logit_softcapping=8.0, rope_local_base_freq=100.0,
+                                        tie_word_embeddings=True), "native"),
+    # LongRoPE: the generation crosses original_max_position_embeddings, where the long factors take over
+    "phi3": ("Phi3Config", dict(partial_rotary_factor=0.5, max_position_embeddings=64,
+                                rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
+                                                     short_factor=[1.0, 1.5, 2.0, 4.0],
+                                                     long_factor=[2.0, 6.0, 12.0, 40.0],
+                                                     original_max_position_embeddings=24)), "native"),
+    "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
+                                         norm_topk_prob=True, mlp_only_layers=[1]), "native"),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), "native"),
+    # no native runner: transformers' own model class over our KV cache
+    "olmo2": ("Olmo2Config", {}, "transformers"),
+}
+PROMPT = [2, 10, 11, 12, 13, 14, 10, 11, 12, 13, 14, 10, 11, 12]  # repetitive, so drafts get accepted
+NEW_TOKENS = 32
+
+
+def save_tokenizer(folder):
+    """A word-level tokenizer whose ids are the vocabulary, with a chat template without a system role."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<eos>": 1, "<bos>": 2, **{f"t{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>")
+    fast.save_pretrained(folder)
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, transformers model, our loaded model, runner) for one family."""
+    import transformers
+
+    name = request.param
+    config_class, options, runner = FAMILIES[name]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_class)(**{**COMMON, **options})
+    hf_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    with torch.no_grad():
+        for pname, p in hf_model.named_parameters():
+            if p.dim() == 1 and "norm" in pname:  # norms start at 1 (Gemma: 0); make their formula matter
+                p.add_(torch.randn_like(p) * 0.2)
+    hf_model.generation_config.eos_token_id = None
+    folder = tmp_path_factory.mktemp(name)
+    hf_model.save_pretrained(folder)
+    save_tokenizer(folder)
+    loaded = load(str(folder))
+    return name, hf_model, loaded, runner
+
+
+@pytest.fixture(scope="module")
+def engines(family):
+    _, _, loaded, runner = family
+    engines = engines_for(loaded, runner=runner, max_context=128, adaptive=False)
+    for engine in engines.values():
+        engine.stop_ids = frozenset()  # no eos: every run emits exactly its tokens
+    return engines
+
+
+def prefill(model, cache, slot, tokens):
+    n = len(tokens)
+    return model.forward(torch.tensor(tokens), torch.arange(n), [SeqBatchEntry(slot, 0, n, None)], cache)
+
+
+def test_runner_is_the_familys(family, engines):
+    name, _, loaded, runner = family
+    model = engines["ar"].model
+    assert model.runner == runner
+    assert (loaded.hf_config["model_type"] in NATIVE) == (runner == "native")
+
+
+def test_logits_equal_transformers_forward(family, engines):
+    _, hf_model, _, _ = family
+    model = engines["ar"].model
+    ours = prefill(model, model.new_cache(1, 64), 0, PROMPT)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([PROMPT])).logits[0]
+    assert ref.abs().max() > 1.0  # not near-flat: greedy comparisons mean something
+    assert (ours - ref).abs().max() <= 1e-4
+
+
+def test_greedy_equals_transformers_generate(family, engines):
+    _, hf_model, _, _ = family
+    with torch.no_grad():
+        ref = hf_model.generate(torch.tensor([PROMPT]), max_new_tokens=NEW_TOKENS, do_sample=False,
+                                attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long))[0, len(PROMPT):]
+    out = engines["ar"].generate(PROMPT, SamplingParams(), NEW_TOKENS).output
+    assert out == ref.tolist()
+
+
+def test_tree_forward_equals_sequential_decoding(engines):
+    model = engines["ar"].model
+    past = len(PROMPT)
+    seq_cache, tree_cache = model.new_cache(1, 64), model.new_cache(1, 64)
+    prefill(model, seq_cache, 0, PROMPT)
+    prefill(model, tree_cache, 0, PROMPT)
+    ref = torch.cat([model.forward(torch.tensor([tok]), torch.tensor([past + i]),
+                                   [SeqBatchEntry(0, past + i, 1, None)], seq_cache) for i, tok in enumerate([7, 8, 9])])
+    t = DraftTree.root(7)  # 7 -> (30, 8 -> (31, 9))
+    t.add(0, 30, "x")
+    n8 = t.add(0, 8, "x")
+    t.add(n8, 31, "x")
+    n9 = t.add(n8, 9, "x")
+    out = model.forward(torch.tensor(t.tokens), torch.tensor([past + d for d in t.depths]),
+                        [SeqBatchEntry(0, past, len(t), t.attention_mask())], tree_cache)
+    path = t.path_to(n9)
+    assert torch.allclose(out[path], ref, atol=2e-5)
+    tree_cache.keep(0, past, path)  # decoding goes on from the accepted path as if it had been sequential
+    step = (torch.tensor([50]), torch.tensor([past + 3]), [SeqBatchEntry(0, past + 3, 1, None)])
+    assert torch.allclose(model.forward(*step, tree_cache), model.forward(*step, seq_cache), atol=2e-5)
+
+
+@pytest.mark.parametrize("mode", ["batched", "per-sequence"])
+def test_rows_do_not_depend_on_the_batch(engines, mode):
+    """A tree in one slot and single rows in two others, in one forward, equal to each alone."""
+    model = engines["ar"].model
+    prompts = {0: PROMPT[:5], 2: PROMPT, 3: PROMPT[3:10]}
+    t = DraftTree.root(7)
+    t.add(0, 30, "x")
+    n8 = t.add(0, 8, "x")
+    t.add(n8, 31, "x")
+    rows = {2: (t.tokens, t.attention_mask()), 0: ([44], None), 3: ([45], None)}
+    alone = {}
+    for slot, (tokens, mask) in rows.items():
+        cache = model.new_cache(4, 64)
+        prefill(model, cache, slot, prompts[slot])
+        past = len(prompts[slot])
+        depths = t.depths if mask is not None else [0]
+        alone[slot] = model.forward(torch.tensor(tokens), torch.tensor([past + d for d in depths]),
+                                    [SeqBatchEntry(slot, past, len(tokens), mask)], cache)
+    cache = model.new_cache(4, 64)
+    for slot, p in prompts.items():
+        prefill(model, cache, slot, p)
+    model.attention_mode = mode
+    try:
+        out = model.forward(torch.tensor([tok for tokens, _ in rows.values() for tok in tokens]),
+                            torch.tensor([len(prompts[2]) + d for d in t.depths] + [5, 7]),
+                            [SeqBatchEntry(s, len(prompts[s]), len(tokens), mask) for s, (tokens, mask) in rows.items()],
+                            cache)
+    finally:
+        model.attention_mode = "auto"
+    assert torch.allclose(out, torch.cat(list(alone.values())), atol=2e-5)
+
+
+def test_speculative_greedy_equals_ar(engines):
+    ar = engines["ar"].generate(PROMPT, SamplingParams(), NEW_TOKENS)
+    assert len(ar.output) == NEW_TOKENS
+    for method in ("pld", "logitspec"):
+        seq = engines[method].generate(PROMPT, SamplingParams(), NEW_TOKENS)
+        assert seq.output == ar.output, method
