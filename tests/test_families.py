@@ -12,9 +12,9 @@ import json
 import pytest
 import torch
 
-from decoding.families import NATIVE, build_model
+from decoding.families import NATIVE
 from decoding.loader import load
-from decoding.model import SeqBatchEntry
+from decoding.model import Rope, SeqBatchEntry
 from decoding.tree import DraftTree
 from decoding.verify import SamplingParams
 from conftest import engines_for
@@ -25,32 +25,35 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidde
               tie_word_embeddings=False, bos_token_id=2, eos_token_id=None, pad_token_id=0)
 WINDOW = 6  # sliding windows shorter than the prompt, so that they matter
 ALTERNATING = ["sliding_attention", "full_attention"]
+PHI3 = dict(partial_rotary_factor=0.5, max_position_embeddings=128, original_max_position_embeddings=64,
+            rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.5, 2.0, 4.0],
+                                 long_factor=[2.0, 6.0, 12.0, 40.0], original_max_position_embeddings=64))
 
-# name -> (config class, its options, runner); the runner is native unless said otherwise
+# name -> (config class, its options, --runner); auto picks native where there is a native runner
 FAMILIES = {
     "llama3": ("LlamaConfig", dict(rope_parameters=dict(rope_type="llama3", rope_theta=500000.0, factor=8.0,
                                                         low_freq_factor=1.0, high_freq_factor=4.0,
-                                                        original_max_position_embeddings=32)), "native"),
-    "qwen2": ("Qwen2Config", {}, "native"),
-    "qwen3": ("Qwen3Config", {}, "native"),
-    "mistral": ("MistralConfig", dict(sliding_window=WINDOW), "native"),
+                                                        original_max_position_embeddings=32)), "auto"),
+    "qwen2": ("Qwen2Config", {}, "auto"),
+    "qwen3": ("Qwen3Config", {}, "auto"),
+    "mistral": ("MistralConfig", dict(sliding_window=WINDOW), "auto"),
     "gemma2": ("Gemma2Config", dict(sliding_window=WINDOW, layer_types=ALTERNATING, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=3.0, final_logit_softcapping=8.0,
-                                    tie_word_embeddings=True), "native"),
+                                    tie_word_embeddings=True), "auto"),
     "gemma3": ("Gemma3TextConfig", dict(sliding_window=WINDOW, layer_types=ALTERNATING, query_pre_attn_scalar=24,
                                         final_logit_softcapping=8.0, rope_local_base_freq=100.0,
-                                        tie_word_embeddings=True), "native"),
-    # LongRoPE: the generation crosses original_max_position_embeddings, where the long factors take over
-    "phi3": ("Phi3Config", dict(partial_rotary_factor=0.5, max_position_embeddings=64,
-                                rope_parameters=dict(rope_type="longrope", rope_theta=10000.0,
-                                                     short_factor=[1.0, 1.5, 2.0, 4.0],
-                                                     long_factor=[2.0, 6.0, 12.0, 40.0],
-                                                     original_max_position_embeddings=24)), "native"),
+                                        tie_word_embeddings=True), "auto"),
+    # LongRoPE within the original context (test_longrope_past_the_original_context: beyond it)
+    "phi3": ("Phi3Config", PHI3, "auto"),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
-                                         norm_topk_prob=True, mlp_only_layers=[1]), "native"),
-    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), "native"),
-    # no native runner: transformers' own model class over our KV cache
-    "olmo2": ("Olmo2Config", {}, "transformers"),
+                                         norm_topk_prob=True, mlp_only_layers=[1]), "auto"),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), "auto"),
+    # no native runner: auto picks transformers' own model class over our KV cache
+    "olmo2": ("Olmo2Config", {}, "auto"),
+    # the fallback on a family with sliding windows and soft-capping, which it passes to LayerAttention
+    "gemma2-transformers": ("Gemma2Config", dict(sliding_window=WINDOW, layer_types=ALTERNATING,
+                                                 query_pre_attn_scalar=24, attn_logit_softcapping=3.0,
+                                                 final_logit_softcapping=8.0), "transformers"),
 }
 PROMPT = [2, 10, 11, 12, 13, 14, 10, 11, 12, 13, 14, 10, 11, 12]  # repetitive, so drafts get accepted
 NEW_TOKENS = 32
@@ -68,26 +71,31 @@ def save_tokenizer(folder):
     fast.save_pretrained(folder)
 
 
-@pytest.fixture(scope="module", params=list(FAMILIES))
-def family(request, tmp_path_factory):
-    """(name, transformers model, our loaded model, runner) for one family."""
+def make_model(config_class, options, folder):
+    """A tiny random transformers model of one family, saved with a tokenizer to folder."""
     import transformers
 
-    name = request.param
-    config_class, options, runner = FAMILIES[name]
     torch.manual_seed(0)
     config = getattr(transformers, config_class)(**{**COMMON, **options})
     hf_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():
-        for pname, p in hf_model.named_parameters():
-            if p.dim() == 1 and "norm" in pname:  # norms start at 1 (Gemma: 0); make their formula matter
+        for p in hf_model.parameters():
+            if p.dim() == 1:  # norms start at 1 (Gemma: 0) and biases at 0: make them matter
                 p.add_(torch.randn_like(p) * 0.2)
     hf_model.generation_config.eos_token_id = None
-    folder = tmp_path_factory.mktemp(name)
     hf_model.save_pretrained(folder)
     save_tokenizer(folder)
-    loaded = load(str(folder))
-    return name, hf_model, loaded, runner
+    return hf_model
+
+
+@pytest.fixture(scope="module", params=list(FAMILIES))
+def family(request, tmp_path_factory):
+    """(name, transformers model, our loaded model, --runner) for one family."""
+    name = request.param
+    config_class, options, runner = FAMILIES[name]
+    folder = tmp_path_factory.mktemp(name)
+    hf_model = make_model(config_class, options, folder)
+    return name, hf_model, load(str(folder)), runner
 
 
 @pytest.fixture(scope="module")
@@ -105,10 +113,9 @@ def prefill(model, cache, slot, tokens):
 
 
 def test_runner_is_the_familys(family, engines):
-    name, _, loaded, runner = family
-    model = engines["ar"].model
-    assert model.runner == runner
-    assert (loaded.hf_config["model_type"] in NATIVE) == (runner == "native")
+    _, _, loaded, runner = family
+    native = runner == "auto" and loaded.hf_config["model_type"] in NATIVE
+    assert engines["ar"].model.runner == ("native" if native else "transformers")
 
 
 def test_logits_equal_transformers_forward(family, engines):
@@ -190,3 +197,37 @@ def test_speculative_greedy_equals_ar(engines):
     for method in ("pld", "logitspec"):
         seq = engines[method].generate(PROMPT, SamplingParams(), NEW_TOKENS)
         assert seq.output == ar.output, method
+
+
+def test_longrope_past_the_original_context(tmp_path):
+    """Phi-3's LongRoPE past original_max_position_embeddings (24 here): each row rotates with the
+    long factors from position 24 on, keys already cached keep the short ones. That equals
+    transformers' own forward token by token over its cache. (transformers' `generate` for Phi-3
+    instead recomputes the whole cache with the long factors when the sequence first passes 24, so
+    past that point our output differs from its `generate`; see decoding.model.Rope.)"""
+    from transformers import DynamicCache
+
+    options = dict(PHI3, original_max_position_embeddings=24,
+                   rope_parameters=dict(PHI3["rope_parameters"], original_max_position_embeddings=24))
+    hf_model = make_model("Phi3Config", options, tmp_path)
+    loaded = load(str(tmp_path))
+    model = NATIVE["phi3"](loaded.hf_config, loaded.state, torch.device("cpu"), torch.float32)
+    tokens = (PROMPT * 3)[:36]
+    cache = model.new_cache(1, 64)
+    ours = [prefill(model, cache, 0, tokens[:20])]
+    ours += [model.forward(torch.tensor([tok]), torch.tensor([p]), [SeqBatchEntry(0, p, 1, None)], cache)
+             for p, tok in enumerate(tokens[20:], start=20)]
+    with torch.no_grad():
+        hf_cache = DynamicCache(config=hf_model.config)
+        ref = [hf_model(torch.tensor([tokens[:20]]), cache=hf_cache).logits[0]]
+        ref += [hf_model(torch.tensor([[tok]]), position_ids=torch.tensor([[p]]), cache=hf_cache).logits[0]
+                for p, tok in enumerate(tokens[20:], start=20)]
+    assert (torch.cat(ours) - torch.cat(ref)).abs().max() <= 1e-4
+    short = Rope(model.hf, torch.device("cpu"), torch.float32)
+    short.long_from = None  # the short factors everywhere: past 24 the logits must differ
+    model.ropes = {"all": short}
+    cache = model.new_cache(1, 64)
+    prefill(model, cache, 0, tokens[:20])
+    wrong = [model.forward(torch.tensor([tok]), torch.tensor([p]), [SeqBatchEntry(0, p, 1, None)], cache)
+             for p, tok in enumerate(tokens[20:], start=20)]
+    assert (torch.cat(wrong)[5:] - torch.cat(ref[1:])[5:]).abs().max() > 1e-2
