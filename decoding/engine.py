@@ -591,7 +591,33 @@ class Engine:
         return seq
 
     def chat_prompt(self, turns: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+        """The tokenizer's own chat template. Where the template has no system role and refuses a
+        system message (Mistral's v0.1 template raises), the system messages are folded into the
+        first user message instead (see fold_system_messages), which is what the templates of
+        Gemma 2 and 3, also without a system role, do themselves."""
+        from jinja2 import TemplateError
+
+        try:
+            ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+        except TemplateError:
+            folded = fold_system_messages(turns)
+            if folded == turns:
+                raise
+            ids = self.tokenizer.apply_chat_template(folded, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
+
+
+def fold_system_messages(turns: list[dict]) -> list[dict]:
+    """The system messages' text, each followed by a blank line, put before the first user
+    message's (a user message of its own when there is none); the other turns unchanged."""
+    system = "".join(t["content"] + "\n\n" for t in turns if t["role"] == "system")
+    rest = [t for t in turns if t["role"] != "system"]
+    if not system:
+        return rest
+    first_user = next((i for i, t in enumerate(rest) if t["role"] == "user"), None)
+    if first_user is None:
+        return [{"role": "user", "content": system.rstrip("\n")}] + rest
+    return [*rest[:first_user], {**rest[first_user], "content": system + rest[first_user]["content"]},
+            *rest[first_user + 1:]]

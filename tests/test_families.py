@@ -231,3 +231,39 @@ def test_longrope_past_the_original_context(tmp_path):
     wrong = [model.forward(torch.tensor([tok]), torch.tensor([p]), [SeqBatchEntry(0, p, 1, None)], cache)
              for p, tok in enumerate(tokens[20:], start=20)]
     assert (torch.cat(wrong)[5:] - torch.cat(ref[1:])[5:]).abs().max() > 1e-2
+
+
+@pytest.mark.parametrize("turns,folded", [
+    ([{"role": "user", "content": "hi"}], [{"role": "user", "content": "hi"}]),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"},
+      {"role": "assistant", "content": "yo"}, {"role": "user", "content": "and?"}],
+     [{"role": "user", "content": "Be brief.\n\nhi"}, {"role": "assistant", "content": "yo"},
+      {"role": "user", "content": "and?"}]),
+    ([{"role": "system", "content": "A"}, {"role": "system", "content": "B"}, {"role": "user", "content": "q"}],
+     [{"role": "user", "content": "A\n\nB\n\nq"}]),
+    ([{"role": "system", "content": "Only this."}], [{"role": "user", "content": "Only this."}]),
+])
+def test_fold_system_messages(turns, folded):
+    from decoding.engine import fold_system_messages
+
+    assert fold_system_messages(turns) == folded
+
+
+def test_chat_template_without_a_system_role(tmp_path):
+    """A template that refuses the system role (as Mistral v0.1's does) gets the system message
+    folded into the first user message; one with a system role gets it as it is."""
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    from decoding.engine import Engine
+
+    save_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    roles = "{{ {'system': 't3', 'user': 't4', 'assistant': 't8'}[m['role']] }} {{ m['content'] }} "
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                         "{{ raise_exception('System role not supported') }}{% endif %}" + roles + "{% endfor %}")
+    turns = [{"role": "system", "content": "t5"}, {"role": "user", "content": "t6 t7"}]
+    assert tok.decode(Engine.chat_prompt(SimpleNamespace(tokenizer=tok), turns)) == "t4 t5 t6 t7"
+    tok.chat_template = "{% for m in messages %}" + roles + "{% endfor %}"
+    assert tok.decode(Engine.chat_prompt(SimpleNamespace(tokenizer=tok), turns)) == "t3 t5 t4 t6 t7"
