@@ -267,3 +267,17 @@ def test_chat_template_without_a_system_role(tmp_path):
     assert tok.decode(Engine.chat_prompt(SimpleNamespace(tokenizer=tok), turns)) == "t4 t5 t6 t7"
     tok.chat_template = "{% for m in messages %}" + roles + "{% endfor %}"
     assert tok.decode(Engine.chat_prompt(SimpleNamespace(tokenizer=tok), turns)) == "t3 t5 t4 t6 t7"
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral"], indirect=True)
+def test_moe_reads_transformers_in_memory_layout(family):
+    """transformers 5 keeps a mixture-of-experts layer's experts as two 3D tensors (and a GGUF
+    conversion saves its state dict so); checkpoints have one tensor per expert. Both load."""
+    name, hf_model, loaded, _ = family
+    state = {k: v.detach() for k, v in hf_model.state_dict().items()}
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    model = NATIVE[name](loaded.hf_config, state, torch.device("cpu"), torch.float32)
+    ours = prefill(model, model.new_cache(1, 64), 0, PROMPT)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([PROMPT])).logits[0]
+    assert (ours - ref).abs().max() <= 1e-4

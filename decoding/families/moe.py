@@ -29,6 +29,10 @@ class MixtureOfExperts:
     expert_names = ("gate_proj", "up_proj", "down_proj")
 
     def _mlp_weights(self, w: Checkpoint, p: str) -> dict:
+        if p + "mlp.experts.gate_up_proj" in w:  # transformers' in-memory layout, which a GGUF conversion saves
+            gate_up, down = w(p + "mlp.experts.gate_up_proj"), w(p + "mlp.experts.down_proj")  # [E, 2 inter, hidden], [E, hidden, inter]
+            experts = [(Linear(gate_up[e].contiguous()), Linear(down[e].contiguous())) for e in range(len(gate_up))]
+            return dict(gate_up=None, down=None, router=w.linear(p + "mlp.gate"), experts=experts)
         moe = p + self.moe_prefix
         if moe + "gate.weight" not in w:
             return super()._mlp_weights(w, p)
