@@ -592,9 +592,9 @@ class Engine:
 
     def chat_prompt(self, turns: list[dict]) -> list[int]:
         """The tokenizer's own chat template. Where the template has no system role and refuses a
-        system message (Mistral's v0.1 template raises), the system messages are folded into the
-        first user message instead (see fold_system_messages), which is what the templates of
-        Gemma 2 and 3, also without a system role, do themselves."""
+        system message (Gemma 2's and Mistral v0.1's raise), the system messages are folded into
+        the first user message instead (see fold_system_messages), which is what Gemma 3's
+        template, also without a system role, does itself."""
         from jinja2 import TemplateError
 
         try:
