@@ -281,3 +281,14 @@ def test_moe_reads_transformers_in_memory_layout(family):
     with torch.no_grad():
         ref = hf_model(torch.tensor([PROMPT])).logits[0]
     assert (ours - ref).abs().max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", ["qwen3", "olmo2"], indirect=True)
+def test_generate_prints_runner_and_architecture(family, capsys):
+    from server.cli import main
+
+    name, _, loaded, _ = family
+    assert main(["generate", "--raw", "--prompt", "t5 t6 t7", "--model", str(loaded.folder), "--method", "ar",
+                 "--max-tokens", "4"]) == 0
+    runner = "native" if name in NATIVE else "transformers"
+    assert f"[logitspec] runner {runner}, architecture {name}\n" in capsys.readouterr().err
