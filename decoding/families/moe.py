@@ -18,7 +18,8 @@ from decoding.model import Checkpoint, Linear, Model
 @dataclass(slots=True)
 class MoELayer(QKNormLayer):
     router: Linear | None = None  # [experts, hidden]; None in a dense layer (Qwen3-MoE's mlp_only_layers)
-    experts: list[tuple[Linear, Linear]] = field(default_factory=list)  # (gate_up [2 inter, hidden], down [hidden, inter])
+    # per expert: gate_up [2 inter, hidden], down [hidden, inter]
+    experts: list[tuple[Linear, Linear]] = field(default_factory=list)
 
 
 class MixtureOfExperts:
@@ -30,15 +31,18 @@ class MixtureOfExperts:
 
     def _mlp_weights(self, w: Checkpoint, p: str) -> dict:
         if p + "mlp.experts.gate_up_proj" in w:  # transformers' in-memory layout, which a GGUF conversion saves
-            gate_up, down = w(p + "mlp.experts.gate_up_proj"), w(p + "mlp.experts.down_proj")  # [E, 2 inter, hidden], [E, hidden, inter]
+            gate_up = w(p + "mlp.experts.gate_up_proj")  # [experts, 2 inter, hidden]
+            down = w(p + "mlp.experts.down_proj")  # [experts, hidden, inter]
             experts = [(Linear(gate_up[e].contiguous()), Linear(down[e].contiguous())) for e in range(len(gate_up))]
             return dict(gate_up=None, down=None, router=w.linear(p + "mlp.gate"), experts=experts)
         moe = p + self.moe_prefix
         if moe + "gate.weight" not in w:
             return super()._mlp_weights(w, p)
         gate, up, down = self.expert_names
-        experts = [(w.linear(f"{moe}experts.{e}.{gate}", f"{moe}experts.{e}.{up}"), w.linear(f"{moe}experts.{e}.{down}"))
-                   for e in range(self.num_experts())]
+        experts = []
+        for e in range(self.num_experts()):
+            x = f"{moe}experts.{e}."
+            experts.append((w.linear(x + gate, x + up), w.linear(x + down)))
         return dict(gate_up=None, down=None, router=w.linear(moe + "gate"), experts=experts)
 
     def _feed_forward(self, h: torch.Tensor, layer: MoELayer) -> torch.Tensor:
