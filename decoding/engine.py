@@ -186,7 +186,7 @@ class Engine:
         past = max(1, min(256, self.cache.max_len - max(sizes)))
         rounds = self.config.calibration_rounds
         key = calibration_cache.calibration_key(self.loaded, self.device, self.dtype, sizes, past,
-                                                self.config.compile)
+                                                self.config.compile, self.model.runner)
         cached = None if self.config.recalibrate else calibration_cache.load(key, rounds)
         if cached is not None:
             seconds, entry = cached

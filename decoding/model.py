@@ -402,6 +402,8 @@ class Model(Runner):
     architectures: tuple[str, ...] = ("llama", "mistral", "qwen2")
 
     def __init__(self, hf_config: dict, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+        from transformers.activations import ACT2FN
+
         hf = transformers_config(hf_config)
         if hf.model_type not in self.architectures:
             raise ValueError(f"unsupported model architecture {hf.model_type!r} for the {type(self).__name__} "
@@ -409,8 +411,6 @@ class Model(Runner):
         super().__init__(ModelConfig.from_transformers(hf), device, dtype)
         self.hf = hf  # transformers' config: the families read their options from it
         cfg = self.config
-        from transformers.activations import ACT2FN
-
         self.act = ACT2FN[self._activation()]
         w = Checkpoint(state, device, dtype)
         self.embed = w("model.embed_tokens.weight")  # [vocab, hidden]
