@@ -25,7 +25,8 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidde
               tie_word_embeddings=False, bos_token_id=2, eos_token_id=None, pad_token_id=0)
 WINDOW = 6  # sliding windows shorter than the prompt, so that they matter
 ALTERNATING = ["sliding_attention", "full_attention"]
-PHI3 = dict(partial_rotary_factor=0.5, max_position_embeddings=128, original_max_position_embeddings=64,
+PHI3 = dict(partial_rotary_factor=0.5, sliding_window=WINDOW, max_position_embeddings=128,
+            original_max_position_embeddings=64,
             rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.5, 2.0, 4.0],
                                  long_factor=[2.0, 6.0, 12.0, 40.0], original_max_position_embeddings=64))
 
@@ -47,7 +48,7 @@ FAMILIES = {
     "phi3": ("Phi3Config", PHI3, "auto"),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
                                          norm_topk_prob=True, mlp_only_layers=[1]), "auto"),
-    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2), "auto"),
+    "mixtral": ("MixtralConfig", dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=WINDOW), "auto"),
     # no native runner: auto picks transformers' own model class over our KV cache
     "olmo2": ("Olmo2Config", {}, "auto"),
     # the fallback on a family with sliding windows and soft-capping, which it passes to LayerAttention

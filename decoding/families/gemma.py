@@ -61,6 +61,8 @@ class Gemma2(Model):
         return self.embed[tokens] * self.embed_scale
 
     def _mlp_eager(self, x: torch.Tensor, attn: torch.Tensor, layer: GemmaLayer) -> torch.Tensor:
+        """Gemma's layer after attention: the attention output is normed (post_attention_norm)
+        before the residual, and the feed-forward sits between norms of its own."""
         x = x + self._rms_norm(layer.o_proj(attn), layer.post_attention_norm)
         h = self._feed_forward(self._rms_norm(x, layer.pre_feedforward_norm), layer)
         return x + self._rms_norm(h, layer.post_feedforward_norm)

@@ -13,10 +13,10 @@ class Phi3(Model):
 
     def _attention_weights(self, w: Checkpoint, p: str) -> dict:
         return dict(
-            input_norm=w(p + "input_layernorm.weight"),
+            input_norm=self._norm_weight(w, p + "input_layernorm.weight"),
             qkv=w.linear(p + "self_attn.qkv_proj"),  # [q + 2 kv, hidden]: q, k, v stacked as in the base
             o_proj=w.linear(p + "self_attn.o_proj"),
-            post_attention_norm=w(p + "post_attention_layernorm.weight"),
+            post_attention_norm=self._norm_weight(w, p + "post_attention_layernorm.weight"),
         )
 
     def _mlp_weights(self, w: Checkpoint, p: str) -> dict:
