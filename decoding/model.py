@@ -254,11 +254,12 @@ class Rope:
     families whose layer types differ, Gemma 3's local and global layers).
 
     LongRoPE (Phi-3/4) has two frequency sets: short below original_max_position_embeddings, long
-    from there on. transformers picks one set for a whole forward by its largest position; here
-    each row picks by its own position (long from the original maximum on), which is what
-    transformers' token-by-token decoding does and keeps a row's result independent of the rows
-    beside it. The K/V of a prompt longer than the original maximum therefore differ from
-    transformers' one-forward prefill of it (there every row used the long set)."""
+    from there on. Here each row picks by its own position (long from the original maximum on),
+    which keeps a row's result independent of the rows beside it (lossless speculation needs
+    that) and equals transformers' forward token by token over its cache. transformers' Phi-3
+    `generate` differs once a sequence first passes the original maximum: it then recomputes the
+    whole cache with the long set, while our cached K/V of earlier positions keep the short one.
+    Sequences within the original context (4096 tokens for Phi-3-mini-128k) are identical."""
 
     def __init__(self, config, device: torch.device, dtype: torch.dtype, layer_type: str | None = None):
         params = config.rope_parameters if layer_type is None else config.rope_parameters[layer_type]
