@@ -293,3 +293,19 @@ def test_generate_prints_runner_and_architecture(family, capsys):
                  "--max-tokens", "4"]) == 0
     runner = "native" if name in NATIVE else "transformers"
     assert f"[logitspec] runner {runner}, architecture {name}\n" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("family", ["olmo2"], indirect=True)
+def test_runner_choice_errors(family):
+    from decoding.config import EngineConfig
+    from decoding.families import build_model
+
+    _, _, loaded, _ = family
+    cpu = torch.device("cpu")
+    with pytest.raises(ValueError, match="unsupported model architecture 'olmo2' for the native runner"):
+        build_model(loaded.hf_config, loaded.state, cpu, torch.float32, "native")
+    with pytest.raises(ValueError, match="runner must be one of auto, native, transformers"):
+        EngineConfig(runner="vllm")
+    state = {k: v for k, v in loaded.state.items() if not k.endswith("layers.1.mlp.down_proj.weight")}
+    with pytest.raises(ValueError, match=r"checkpoint does not match .*model.layers.1.mlp.down_proj.weight"):
+        build_model(loaded.hf_config, state, cpu, torch.float32, "transformers")
