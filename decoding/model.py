@@ -43,10 +43,6 @@ class ModelConfig:
     model_type: str
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
-        return cls.from_transformers(transformers_config(hf))
-
-    @classmethod
     def from_transformers(cls, c) -> "ModelConfig":
         heads = c.num_attention_heads
         return cls(

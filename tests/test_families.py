@@ -1,13 +1,12 @@
-"""Every native family, and the transformers fallback runner, against transformers itself.
+"""Every native family, and the transformers fallback runner (OLMo 2, which has no native one,
+and Gemma 2 forced onto it), against transformers itself.
 
 Each family's tiny randomly initialised model (its own config class, 2 layers, hidden 64, weights
-scaled up so that logits are not near-ties, norm weights perturbed so that a norm's formula
-matters) is saved to a folder and loaded through the project's loader. Checks: logits equal to
-transformers' forward, greedy output equal to transformers `generate` for 32 tokens, a tree
-forward equal to sequential decoding, rows independent of the batch (both attention modes), and
-speculative greedy (pld, logitspec) equal to `ar`."""
-
-import json
+scaled up so that logits are not near-ties, norm weights and biases perturbed so that their
+formulas matter) is saved to a folder and loaded through the project's loader. Checks: logits
+equal to transformers' forward, greedy output equal to transformers `generate` for 32 tokens, a
+tree forward equal to sequential decoding, rows independent of the batch (both attention modes),
+and speculative greedy (pld, logitspec) equal to `ar`."""
 
 import pytest
 import torch
@@ -61,7 +60,7 @@ NEW_TOKENS = 32
 
 
 def save_tokenizer(folder):
-    """A word-level tokenizer whose ids are the vocabulary, with a chat template without a system role."""
+    """A word-level tokenizer over the vocabulary: "t5 t6" is ids 5, 6 (no chat template)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
