@@ -57,12 +57,14 @@ class TransformersRunner(Runner):
 
     def __init__(self, hf_config: dict, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
         from transformers import AttentionInterface, AutoModelForCausalLM
+        from transformers.initialization import no_init_weights
 
         AttentionInterface.register(ATTENTION_NAME, _attention)
         config = transformers_config(hf_config)
         super().__init__(ModelConfig.from_transformers(config), device, dtype)
         try:
-            model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION_NAME, dtype=dtype)
+            with no_init_weights():  # the checkpoint's weights replace them: a random init would only cost time
+                model = AutoModelForCausalLM.from_config(config, attn_implementation=ATTENTION_NAME, dtype=dtype)
         except ValueError as e:
             raise ValueError(f"unsupported model architecture {config.model_type!r}: transformers has no causal "
                              f"LM for it ({e})") from e
