@@ -24,6 +24,8 @@ COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidde
               tie_word_embeddings=False, bos_token_id=2, eos_token_id=None, pad_token_id=0)
 WINDOW = 6  # sliding windows shorter than the prompt, so that they matter
 ALTERNATING = ["sliding_attention", "full_attention"]
+GEMMA3 = dict(sliding_window=WINDOW, layer_types=ALTERNATING, query_pre_attn_scalar=24, final_logit_softcapping=8.0,
+              rope_local_base_freq=100.0, tie_word_embeddings=True)
 PHI3 = dict(partial_rotary_factor=0.5, sliding_window=WINDOW, max_position_embeddings=128,
             original_max_position_embeddings=64,
             rope_parameters=dict(rope_type="longrope", rope_theta=10000.0, short_factor=[1.0, 1.5, 2.0, 4.0],
@@ -40,9 +42,13 @@ FAMILIES = {
     "gemma2": ("Gemma2Config", dict(sliding_window=WINDOW, layer_types=ALTERNATING, query_pre_attn_scalar=24,
                                     attn_logit_softcapping=3.0, final_logit_softcapping=8.0,
                                     tie_word_embeddings=True), "auto"),
-    "gemma3": ("Gemma3TextConfig", dict(sliding_window=WINDOW, layer_types=ALTERNATING, query_pre_attn_scalar=24,
-                                        final_logit_softcapping=8.0, rope_local_base_freq=100.0,
-                                        tie_word_embeddings=True), "auto"),
+    "gemma3": ("Gemma3TextConfig", GEMMA3, "auto"),
+    # an image-text Gemma 3 (4B and up), run as its text model
+    "gemma3-multimodal": ("Gemma3Config", dict(
+        text_config={**COMMON, **GEMMA3}, initializer_range=0.1, mm_tokens_per_image=4, boi_token_index=VOCAB - 3,
+        eoi_token_index=VOCAB - 2, image_token_index=VOCAB - 1,
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                           image_size=28, patch_size=14)), "auto"),
     # LongRoPE within the original context (test_longrope_past_the_original_context: beyond it)
     "phi3": ("Phi3Config", PHI3, "auto"),
     "qwen3_moe": ("Qwen3MoeConfig", dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=48,
@@ -76,7 +82,7 @@ def make_model(config_class, options, folder):
     import transformers
 
     torch.manual_seed(0)
-    config = getattr(transformers, config_class)(**{**COMMON, **options})
+    config = getattr(transformers, config_class)(**(options if "text_config" in options else {**COMMON, **options}))
     hf_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
     with torch.no_grad():
         for p in hf_model.parameters():

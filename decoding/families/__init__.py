@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from decoding.families.gemma import Gemma2, Gemma3
+from decoding.families.gemma import Gemma2, Gemma3, Gemma3Multimodal
 from decoding.families.moe import Mixtral, Qwen3Moe
 from decoding.families.phi3 import Phi3
 from decoding.families.qwen3 import Qwen3
@@ -19,6 +19,7 @@ from decoding.model import Model, Runner
 NATIVE: dict[str, type[Model]] = {
     arch: runner for runner in (Model, Qwen3, Qwen3Moe, Mixtral, Gemma2, Gemma3, Phi3) for arch in runner.architectures
 }
+NATIVE["gemma3"] = Gemma3Multimodal  # its text model: a gemma3_text inside
 
 
 def build_model(hf_config: dict, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype,

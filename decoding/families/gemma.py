@@ -93,3 +93,24 @@ class Gemma3(Gemma2):
     def _project_qkv(self, x: torch.Tensor, layer: GemmaLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         q, k, v = super()._project_qkv(x, layer)
         return self._rms_norm(q, layer.q_norm), self._rms_norm(k, layer.k_norm), v
+
+
+class Gemma3Multimodal(Gemma3):
+    """A Gemma 3 image-text checkpoint (4B and larger; model_type gemma3) run as the text model it
+    contains: its text_config and its language model's weights. The vision tower is not loaded,
+    as the API takes text only."""
+
+    # checkpoints name the language model's weights so; transformers 5 keeps them as the second
+    PREFIXES = {"language_model.model.": "model.", "language_model.lm_head.": "lm_head.",
+                "model.language_model.": "model."}
+
+    def __init__(self, hf_config: dict, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+        # transformers' Gemma3ForConditionalGeneration caps no logits (released Gemma 3 configs set no cap)
+        text_config = dict(hf_config["text_config"], model_type="gemma3_text", final_logit_softcapping=None)
+        text_config.setdefault("tie_word_embeddings", hf_config.get("tie_word_embeddings", True))
+        text_state = {}
+        for name, tensor in state.items():
+            for prefix, ours in self.PREFIXES.items():
+                if name.startswith(prefix):
+                    text_state[ours + name[len(prefix):]] = tensor
+        super().__init__(text_config, text_state, device, dtype)
