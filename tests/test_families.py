@@ -11,7 +11,7 @@ and speculative greedy (pld, logitspec) equal to `ar`."""
 import pytest
 import torch
 
-from decoding.families import NATIVE
+from decoding.families import NATIVE, build_model
 from decoding.loader import load
 from decoding.model import Rope, SeqBatchEntry
 from decoding.tree import DraftTree
@@ -306,7 +306,6 @@ def test_generate_prints_runner_and_architecture(family, capsys):
 @pytest.mark.parametrize("family", ["olmo2"], indirect=True)
 def test_runner_choice_errors(family):
     from decoding.config import EngineConfig
-    from decoding.families import build_model
 
     _, _, loaded, _ = family
     cpu = torch.device("cpu")
@@ -317,3 +316,60 @@ def test_runner_choice_errors(family):
     state = {k: v for k, v in loaded.state.items() if not k.endswith("layers.1.mlp.down_proj.weight")}
     with pytest.raises(ValueError, match=r"checkpoint does not match .*model.layers.1.mlp.down_proj.weight"):
         build_model(loaded.hf_config, state, cpu, torch.float32, "transformers")
+
+
+def write_gguf(hf_model, path, arch):
+    """A float32 GGUF of a tiny transformers model, with a byte-pair tokenizer over letters, as
+    llama.cpp's converter would write it (gguf-py's tensor names)."""
+    import gguf
+
+    c = hf_model.config
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_name(f"tiny-{arch}")
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_block_count(c.num_hidden_layers)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_attention_heads)
+    w.add_head_count_kv(c.num_key_value_heads)
+    w.add_key_length(c.head_dim)
+    w.add_value_length(c.head_dim)
+    w.add_rope_freq_base(float(c.rope_parameters["rope_theta"]))
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    letters = [chr(ord("a") + i) for i in range(26)]
+    pairs = [a + b for a in "abcd" for b in letters][:VOCAB - 29]
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(["<pad>", "<eos>", "<bos>"] + letters + pairs)
+    w.add_token_types([3, 3, 3] + [1] * (VOCAB - 3))  # control, then normal
+    w.add_token_merges([f"{p[0]} {p[1]}" for p in pairs])
+    w.add_bos_token_id(2)
+    w.add_eos_token_id(1)
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
+    for name, tensor in hf_model.state_dict().items():
+        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.detach().float().numpy())
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_of_a_family_loads_natively(tmp_path, monkeypatch):
+    """A Qwen3 GGUF goes through transformers' GGUF loader once (dequantized into the cache), then
+    runs on the native Qwen3 runner with transformers' logits. (transformers' GGUF config reader
+    leaves Qwen3's head_dim at its default, 128, as in the released models: so is this one's.)"""
+    import transformers
+
+    monkeypatch.setenv("LOGITSPEC_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(
+        transformers.Qwen3Config(**dict(COMMON, head_dim=128)), attn_implementation="eager").eval()
+    write_gguf(hf_model, tmp_path / "tiny-qwen3.gguf", "qwen3")
+    loaded = load(str(tmp_path / "tiny-qwen3.gguf"))
+    model = build_model(loaded.hf_config, loaded.state, torch.device("cpu"), torch.float32)
+    assert (model.runner, model.architecture) == ("native", "qwen3")
+    ours = prefill(model, model.new_cache(1, 64), 0, PROMPT)
+    with torch.no_grad():
+        ref = hf_model(torch.tensor([PROMPT])).logits[0]
+    assert (ours - ref).abs().max() <= 1e-4
+    assert loaded.tokenizer.decode(loaded.tokenizer.encode("abc", add_special_tokens=False)) == "abc"
