@@ -345,29 +345,46 @@ def write_gguf(hf_model, path, arch):
     w.add_token_merges([f"{p[0]} {p[1]}" for p in pairs])
     w.add_bos_token_id(2)
     w.add_eos_token_id(1)
+    if arch == "qwen3moe":
+        w.add_expert_count(c.num_experts)
+        w.add_expert_used_count(c.num_experts_per_tok)
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[arch.upper()], c.num_hidden_layers)
     for name, tensor in hf_model.state_dict().items():
-        w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.detach().float().numpy())
+        tensor = tensor.detach().float()
+        if name.endswith("experts.gate_up_proj"):  # [experts, 2 inter, hidden]: llama.cpp stores gate and up apart
+            layer = name.split(".")[2]
+            gate, up = tensor.chunk(2, dim=1)
+            w.add_tensor(f"blk.{layer}.ffn_gate_exps.weight", gate.contiguous().numpy())
+            w.add_tensor(f"blk.{layer}.ffn_up_exps.weight", up.contiguous().numpy())
+        elif name.endswith("experts.down_proj"):
+            w.add_tensor(f"blk.{name.split('.')[2]}.ffn_down_exps.weight", tensor.numpy())
+        else:
+            w.add_tensor(names.get_name(name, try_suffixes=(".weight", ".bias")), tensor.numpy())
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
 
 
-def test_gguf_of_a_family_loads_natively(tmp_path, monkeypatch):
-    """A Qwen3 GGUF goes through transformers' GGUF loader once (dequantized into the cache), then
-    runs on the native Qwen3 runner with transformers' logits. (transformers' GGUF config reader
-    leaves Qwen3's head_dim at its default, 128, as in the released models: so is this one's.)"""
+@pytest.mark.parametrize("arch", ["qwen3", "qwen3moe"])
+def test_gguf_of_a_family_loads_natively(tmp_path, monkeypatch, arch):
+    """A GGUF of a family goes through transformers' GGUF loader once (dequantized into the cache),
+    then runs on its native runner with transformers' logits. transformers' GGUF config reader
+    leaves Qwen3's head_dim and Qwen3-MoE's expert size at their defaults and sets norm_topk_prob,
+    as in the released models: so does this one. The MoE's experts arrive in transformers'
+    in-memory layout."""
     import transformers
 
     monkeypatch.setenv("LOGITSPEC_CACHE", str(tmp_path / "cache"))
     torch.manual_seed(0)
-    hf_model = transformers.AutoModelForCausalLM.from_config(
-        transformers.Qwen3Config(**dict(COMMON, head_dim=128)), attn_implementation="eager").eval()
-    write_gguf(hf_model, tmp_path / "tiny-qwen3.gguf", "qwen3")
-    loaded = load(str(tmp_path / "tiny-qwen3.gguf"))
+    config = (transformers.Qwen3Config(**dict(COMMON, head_dim=128)) if arch == "qwen3" else
+              transformers.Qwen3MoeConfig(**dict(COMMON, head_dim=128, num_experts=4, num_experts_per_tok=2,
+                                                 norm_topk_prob=True)))
+    hf_model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    write_gguf(hf_model, tmp_path / f"tiny-{arch}.gguf", arch)
+    loaded = load(str(tmp_path / f"tiny-{arch}.gguf"))
     model = build_model(loaded.hf_config, loaded.state, torch.device("cpu"), torch.float32)
-    assert (model.runner, model.architecture) == ("native", "qwen3")
+    assert (model.runner, model.architecture) == ("native", config.model_type)
     ours = prefill(model, model.new_cache(1, 64), 0, PROMPT)
     with torch.no_grad():
         ref = hf_model(torch.tensor([PROMPT])).logits[0]
