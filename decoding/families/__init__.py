@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import torch
 
+from decoding.config import RUNNERS
 from decoding.families.gemma import Gemma2, Gemma3, Gemma3Multimodal
 from decoding.families.moe import Mixtral, Qwen3Moe
 from decoding.families.phi3 import Phi3
 from decoding.families.qwen3 import Qwen3
-from decoding.config import RUNNERS
 from decoding.model import Model, Runner
 
 NATIVE: dict[str, type[Model]] = {
