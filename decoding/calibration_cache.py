@@ -44,7 +44,7 @@ def _model_identity(loaded: LoadedModel) -> dict:
 
 
 def calibration_key(loaded: LoadedModel, device: torch.device, dtype: torch.dtype, sizes: list[int],
-                    past: int, compiled: bool = False) -> dict:
+                    past: int, compiled: bool = False, runner: str = "native") -> dict:
     """Everything the timed seconds depend on. The batch size is not in it: the calibration times
     one sequence's forwards, whatever the number of KV slots."""
     return {
@@ -58,6 +58,7 @@ def calibration_key(loaded: LoadedModel, device: torch.device, dtype: torch.dtyp
         "sizes": list(sizes),
         "past": past,
         "compiled": compiled,
+        "runner": runner,  # the transformers runner is slower than the native one on the same model
     }
 
 

@@ -8,6 +8,7 @@ METHODS = ("ar", "pld", "logitspec")
 SAMPLERS = ("coupled", "specinfer")
 ATTENTION = ("auto", "batched", "per-sequence")
 DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
+RUNNERS = ("auto", "native", "transformers")  # decoding/families/__init__.py
 
 
 _UNITS = {"": 2**20, "k": 2**10, "ki": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mi": 2**20, "mib": 2**20,
@@ -33,6 +34,9 @@ def parse_size(text: str) -> int:
 class EngineConfig:
     model: str | None = None  # HF folder or .gguf file; None = embedded SmolLM2-135M-Instruct
     method: str = "logitspec"
+    # Model runner: native (a family of decoding/families/), transformers (transformers' own model
+    # class over our KV cache: any decoder it loads, slower), or auto (native where there is one).
+    runner: str = "auto"
     device: str = "auto"
     dtype: str = "auto"
     max_batch: int = 1  # KV slots = sequences decoded together
@@ -60,6 +64,8 @@ class EngineConfig:
     def __post_init__(self):
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {', '.join(METHODS)}, got {self.method!r}")
+        if self.runner not in RUNNERS:
+            raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):

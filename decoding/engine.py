@@ -28,7 +28,8 @@ from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes
 from decoding.drafters import Drafter, Echo, make_drafter
 from decoding.kv_cache import KVCacheFull, bytes_per_token
 from decoding.loader import LoadedModel, load, log
-from decoding.model import Model, SeqBatchEntry
+from decoding.families import build_model
+from decoding.model import Runner, SeqBatchEntry
 from decoding.tree import DraftTree
 from decoding.verify import (SamplingParams, coupled_sample, make_generator, processed_probs, sample, verify_coupled,
                              verify_greedy, verify_sampling)
@@ -127,7 +128,7 @@ def pick_dtype(name: str, device: torch.device) -> torch.dtype:
 
 
 class Engine:
-    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, model: Model | None = None):
+    def __init__(self, config: EngineConfig, loaded: LoadedModel | None = None, model: Runner | None = None):
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
@@ -135,7 +136,8 @@ class Engine:
         self.tokenizer = self.loaded.tokenizer
         self.device = pick_device(config.device)
         self.dtype = pick_dtype(config.dtype, self.device)
-        self.model = model or Model(self.loaded.hf_config, self.loaded.state, self.device, self.dtype)
+        self.model = model or build_model(self.loaded.hf_config, self.loaded.state, self.device, self.dtype,
+                                          config.runner)
         self.model.attention_mode = config.attention
         if config.compile:
             self.model.compile()
@@ -204,7 +206,7 @@ class Engine:
         past = max(1, min(256, self.cache.max_len - max(sizes)))
         rounds = self.config.calibration_rounds
         key = calibration_cache.calibration_key(self.loaded, self.device, self.dtype, sizes, past,
-                                                self.config.compile)
+                                                self.config.compile, self.model.runner)
         cached = None if self.config.recalibrate else calibration_cache.load(key, rounds)
         if cached is not None:
             seconds, entry = cached
@@ -658,7 +660,33 @@ class Engine:
         return seq
 
     def chat_prompt(self, turns: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+        """The tokenizer's own chat template. Where the template has no system role and refuses a
+        system message (Gemma 2's and Mistral v0.1's raise), the system messages are folded into
+        the first user message instead (see fold_system_messages), which is what Gemma 3's
+        template, also without a system role, does itself."""
+        from jinja2 import TemplateError
+
+        try:
+            ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+        except TemplateError:
+            folded = fold_system_messages(turns)
+            if folded == turns:
+                raise
+            ids = self.tokenizer.apply_chat_template(folded, add_generation_prompt=True, tokenize=True)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)
+
+
+def fold_system_messages(turns: list[dict]) -> list[dict]:
+    """The system messages' text, each followed by a blank line, put before the first user
+    message's (a user message of its own when there is none); the other turns unchanged."""
+    system = "".join(t["content"] + "\n\n" for t in turns if t["role"] == "system")
+    rest = [t for t in turns if t["role"] != "system"]
+    if not system:
+        return rest
+    first_user = next((i for i, t in enumerate(rest) if t["role"] == "user"), None)
+    if first_user is None:
+        return [{"role": "user", "content": system.rstrip("\n")}] + rest
+    return [*rest[:first_user], {**rest[first_user], "content": system + rest[first_user]["content"]},
+            *rest[first_user + 1:]]

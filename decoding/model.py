@@ -1,9 +1,12 @@
-"""A Llama-family decoder whose KV cache, positions and attention mask are arguments of forward.
+"""The native model runner: a decoder whose KV cache, positions and attention mask are arguments of forward.
 
 Tree verification needs exactly that: every draft node is written into the cache at an explicit
-position (past length + depth) and attends to the past plus its own ancestors. The model reads
-top to bottom in this file; weights come from a Hugging Face state dict (Llama, Mistral, Qwen2,
-SmolLM), with q/k/v and gate/up fused so that each layer is four matrix products.
+position (past length + depth) and attends to the past plus its own ancestors. `Model` is the
+Llama-family runner (Llama 1-3, Mistral, Qwen2) and reads top to bottom in this file; the other
+families (`decoding/families/`) are small subclasses that override one hook each where they
+differ (norm, q/k post-processing, feed-forward, embedding scale, logits, RoPE per layer type).
+Weights come from a Hugging Face state dict, with q/k/v and gate/up fused so that each layer is
+four matrix products.
 """
 
 from __future__ import annotations
@@ -15,7 +18,14 @@ import torch.nn.functional as F
 
 from decoding.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, bytes_per_token
 
-SUPPORTED_ARCHITECTURES = ("llama", "mistral", "qwen2")
+
+def transformers_config(hf: dict):
+    """transformers' own config class for a checkpoint's config.json: it fills in each family's
+    defaults and reads every spelling a checkpoint may use (rope_scaling or rope_parameters,
+    rope_local_base_freq, sliding_window_pattern, ...), so the runners read one."""
+    from transformers import AutoConfig
+
+    return AutoConfig.for_model(**hf)
 
 
 @dataclass(slots=True)
@@ -30,30 +40,23 @@ class ModelConfig:
     rms_norm_eps: float
     max_position: int
     tie_word_embeddings: bool
-    qkv_bias: bool
     model_type: str
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "ModelConfig":
-        model_type = hf.get("model_type", "")
-        if model_type not in SUPPORTED_ARCHITECTURES:
-            raise ValueError(
-                f"unsupported model architecture {model_type!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
-            )
-        heads = hf["num_attention_heads"]
+    def from_transformers(cls, c) -> "ModelConfig":
+        heads = c.num_attention_heads
         return cls(
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            num_layers=hf["num_hidden_layers"],
+            vocab_size=c.vocab_size,
+            hidden_size=c.hidden_size,
+            num_layers=c.num_hidden_layers,
             num_heads=heads,
-            num_kv_heads=hf.get("num_key_value_heads") or heads,
-            head_dim=hf.get("head_dim") or hf["hidden_size"] // heads,
-            intermediate_size=hf["intermediate_size"],
-            rms_norm_eps=hf.get("rms_norm_eps", 1e-6),
-            max_position=hf.get("max_position_embeddings", 4096),
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            qkv_bias=bool(hf.get("attention_bias", model_type == "qwen2")),
-            model_type=model_type,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+            intermediate_size=getattr(c, "intermediate_size", 0),
+            rms_norm_eps=getattr(c, "rms_norm_eps", 1e-6),
+            max_position=getattr(c, "max_position_embeddings", 4096),
+            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+            model_type=c.model_type,
         )
 
 
@@ -331,22 +334,54 @@ class LayerAttention:
         return masks
 
 
-def rope_inv_freq(hf: dict, head_dim: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and attention scaling, delegating non-default RoPE types to transformers."""
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    rope_type = params.get("rope_type", params.get("type", "default"))
-    theta = params.get("rope_theta", hf.get("rope_theta", 10000.0))
-    if rope_type == "default":
-        inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float64) / head_dim))
-        return inv.float(), 1.0
-    from transformers import AutoConfig
-    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+class Rope:
+    """cos/sin of rotary embeddings at given positions, for one set of transformers' RoPE
+    parameters (every rope_type it knows: default, llama3, yarn, longrope, ...; `layer_type` for
+    families whose layer types differ, Gemma 3's local and global layers).
 
-    if rope_type not in ROPE_INIT_FUNCTIONS:
-        raise ValueError(f"unsupported rope type {rope_type!r}")
-    config = AutoConfig.for_model(**hf)
-    inv, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
-    return inv.float(), float(scaling)
+    LongRoPE (Phi-3/4) has two frequency sets: short below original_max_position_embeddings, long
+    from there on. Here each row picks by its own position (long from the original maximum on),
+    which keeps a row's result independent of the rows beside it (lossless speculation needs
+    that) and equals transformers' forward token by token over its cache. transformers' Phi-3
+    `generate` differs once a sequence first passes the original maximum: it then recomputes the
+    whole cache with the long set, while our cached K/V of earlier positions keep the short one.
+    Sequences within the original context (4096 tokens for Phi-3-mini-128k) are identical."""
+
+    def __init__(self, config, device: torch.device, dtype: torch.dtype, layer_type: str | None = None):
+        params = config.rope_parameters if layer_type is None else config.rope_parameters[layer_type]
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        extra = {} if layer_type is None else {"layer_type": layer_type}
+        self.long_from: int | None = None  # LongRoPE: rows at this position or later use long_inv_freq
+        self.long_inv_freq: torch.Tensor | None = None
+        if rope_type == "default":
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            dim = int(head_dim * params.get("partial_rotary_factor", getattr(config, "partial_rotary_factor", 1.0)))
+            theta = params.get("rope_theta", getattr(config, "rope_theta", 10000.0))
+            inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+            scaling = 1.0
+        else:
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            if rope_type not in ROPE_INIT_FUNCTIONS:
+                raise ValueError(f"unsupported rope type {rope_type!r}")
+            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", **extra)
+            if rope_type == "longrope":
+                self.long_from = params["original_max_position_embeddings"]
+                long, _ = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu", seq_len=self.long_from + 1, **extra)
+                self.long_inv_freq = long.float().to(device)
+        self.inv_freq = inv_freq.float().to(device)  # [rotary_dim / 2]
+        self.scaling = float(scaling)
+        self.dtype = dtype
+
+    def __call__(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [N] -> cos, sin [N, 1, rotary_dim]."""
+        inv_freq = self.inv_freq[None, :]  # [1, rotary_dim / 2]
+        if self.long_from is not None:
+            inv_freq = torch.where((positions >= self.long_from)[:, None], self.long_inv_freq, inv_freq)
+        freqs = positions.float()[:, None] * inv_freq  # [N, rotary_dim / 2]
+        emb = torch.cat([freqs, freqs], dim=-1)  # [N, rotary_dim]
+        return ((emb.cos() * self.scaling).to(self.dtype)[:, None, :],
+                (emb.sin() * self.scaling).to(self.dtype)[:, None, :])
 
 
 def _mkldnn_usable(device: torch.device, dtype: torch.dtype) -> bool:
@@ -378,47 +413,60 @@ class Linear:
         return F.linear(x, self.weight, self.bias)
 
 
-class Model:
-    """Weights plus a forward over a flat batch of new tokens from one or more cache slots."""
+class Checkpoint:
+    """A state dict's tensors, moved to the model's device and dtype when a runner takes them."""
 
-    def __init__(self, hf_config: dict, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
-        cfg = ModelConfig.from_hf(hf_config)
-        self.config = cfg
+    def __init__(self, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+        self.state, self.device, self.dtype = state, device, dtype
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.state
+
+    def __call__(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        if name not in self.state:
+            raise ValueError(f"weight {name!r} missing from the checkpoint")
+        return self.state[name].to(device=self.device, dtype=dtype or self.dtype).contiguous()
+
+    def linear(self, *names: str) -> Linear:
+        """One Linear over the named projections' weights (and biases, where the checkpoint has
+        them) stacked along the output: q/k/v or gate/up fused into one matrix product."""
+        weight = torch.cat([self(n + ".weight") for n in names])
+        biases = [n + ".bias" for n in names if n + ".bias" in self]
+        if biases and len(biases) != len(names):
+            raise ValueError(f"some of {names} have a bias and some not")
+        return Linear(weight, torch.cat([self(b) for b in biases]) if biases else None)
+
+
+@dataclass(slots=True)
+class Layer:
+    """One decoder layer's weights."""
+
+    input_norm: torch.Tensor  # [hidden]
+    qkv: Linear  # [q + 2 kv, hidden]
+    o_proj: Linear  # [hidden, q]
+    post_attention_norm: torch.Tensor  # [hidden]
+    gate_up: Linear | None  # [2 inter, hidden]; None in a mixture-of-experts layer
+    down: Linear | None  # [hidden, inter]
+
+
+class Runner:
+    """What the engine uses of a model runner: `config`, `new_cache`, `forward`, `compile`, and the
+    attention mode and call count. Both the native runner (`Model`) and transformers' fallback
+    (`decoding/families/transformers_runner.py`) plan each forward's attention here."""
+
+    runner = "native"
+
+    def __init__(self, config: ModelConfig, device: torch.device, dtype: torch.dtype):
+        self.config = config
         self.device = device
         self.dtype = dtype
-
-        def w(name: str) -> torch.Tensor:
-            if name not in state:
-                raise ValueError(f"weight {name!r} missing from the checkpoint")
-            return state[name].to(device=device, dtype=dtype).contiguous()
-
-        self.embed = w("model.embed_tokens.weight")  # [vocab, hidden]
-        tied = cfg.tie_word_embeddings or "lm_head.weight" not in state
-        self.lm_head = Linear(self.embed if tied else w("lm_head.weight"))  # [vocab, hidden]
-        self.norm = w("model.norm.weight")
-        self.layers = []
-        for i in range(cfg.num_layers):
-            p = f"model.layers.{i}."
-            qkv = torch.cat([w(p + "self_attn.q_proj.weight"), w(p + "self_attn.k_proj.weight"),
-                             w(p + "self_attn.v_proj.weight")])  # [q + 2 kv, hidden]
-            qkv_b = None
-            if cfg.qkv_bias:
-                qkv_b = torch.cat([w(p + "self_attn.q_proj.bias"), w(p + "self_attn.k_proj.bias"),
-                                   w(p + "self_attn.v_proj.bias")])
-            self.layers.append((
-                w(p + "input_layernorm.weight"),
-                Linear(qkv, qkv_b),
-                Linear(w(p + "self_attn.o_proj.weight")),
-                w(p + "post_attention_layernorm.weight"),
-                Linear(torch.cat([w(p + "mlp.gate_proj.weight"), w(p + "mlp.up_proj.weight")])),  # [2 inter, hidden]
-                Linear(w(p + "mlp.down_proj.weight")),
-            ))
-        self._qkv, self._mlp = self._qkv_eager, self._mlp_eager  # compile() replaces them
         # Attention calls per layer: batched, per-sequence or auto (see plan_attention).
         self.attention_mode = "auto"
         self.attention_calls = 0  # attention calls run so far, all layers counted
-        inv_freq, self.rope_scaling = rope_inv_freq(hf_config, cfg.head_dim)
-        self.inv_freq = inv_freq.to(device)  # [head_dim / 2]
+
+    @property
+    def architecture(self) -> str:
+        return self.config.model_type
 
     def new_cache(self, num_slots: int, max_len: int, memory: int | None = None) -> KVCache:
         """A paged cache for `num_slots` sequences of up to `max_len` tokens; memory: its budget in
@@ -430,42 +478,125 @@ class Model:
             blocks = max(1, memory // per_block)
         return KVCache(c.num_layers, num_slots, c.num_kv_heads, max_len, c.head_dim, self.device, self.dtype, blocks)
 
+    def _layer_attention(self, batch: list[SeqBatchEntry], positions: torch.Tensor, cache: KVCache) -> LayerAttention:
+        """This forward's attention, planned once for every layer."""
+        plan = plan_attention(batch, cache, self.device, self.attention_mode)
+        self.attention_calls += plan.calls * self.config.num_layers
+        return LayerAttention(cache, batch, plan, positions)
+
+
+class Model(Runner):
+    """The Llama-family runner (Llama 1-3 with their RoPE scaling, Mistral, Qwen2) and the base of
+    every native family: weights plus a forward over a flat batch of new tokens from one or more
+    cache slots. A family overrides the hooks where it differs; the forward stays this one."""
+
+    architectures: tuple[str, ...] = ("llama", "mistral", "qwen2")
+
+    def __init__(self, hf_config: dict, state: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype):
+        from transformers.activations import ACT2FN
+
+        hf = transformers_config(hf_config)
+        if hf.model_type not in self.architectures:
+            raise ValueError(f"unsupported model architecture {hf.model_type!r} for the {type(self).__name__} "
+                             f"runner, which runs {', '.join(self.architectures)}")
+        super().__init__(ModelConfig.from_transformers(hf), device, dtype)
+        self.hf = hf  # transformers' config: the families read their options from it
+        cfg = self.config
+        self.act = ACT2FN[self._activation()]
+        w = Checkpoint(state, device, dtype)
+        self.embed = w("model.embed_tokens.weight")  # [vocab, hidden]
+        tied = cfg.tie_word_embeddings or "lm_head.weight" not in w
+        self.lm_head = Linear(self.embed if tied else w("lm_head.weight"))  # [vocab, hidden]
+        self.norm = self._norm_weight(w, "model.norm.weight")
+        self.layers = [self._load_layer(w, f"model.layers.{i}.") for i in range(cfg.num_layers)]
+        self.attention_options = [self._attention_options(i) for i in range(cfg.num_layers)]
+        self.ropes, self.layer_rope = self._ropes()  # RoPE kinds by name, and each layer's
+        self._qkv, self._mlp = self._qkv_eager, self._mlp_eager  # compile() replaces them
+
+    # ---- what a family may override ------------------------------------------------------------
+
+    def _activation(self) -> str:
+        return getattr(self.hf, "hidden_act", "silu")
+
+    layer_class: type[Layer] = Layer  # a family with more weights per layer extends Layer
+
+    def _load_layer(self, w: Checkpoint, p: str) -> Layer:
+        return self.layer_class(**self._attention_weights(w, p), **self._mlp_weights(w, p))
+
+    def _attention_weights(self, w: Checkpoint, p: str) -> dict:
+        return dict(
+            input_norm=self._norm_weight(w, p + "input_layernorm.weight"),
+            qkv=w.linear(p + "self_attn.q_proj", p + "self_attn.k_proj", p + "self_attn.v_proj"),
+            o_proj=w.linear(p + "self_attn.o_proj"),
+            post_attention_norm=self._norm_weight(w, p + "post_attention_layernorm.weight"),
+        )
+
+    def _mlp_weights(self, w: Checkpoint, p: str) -> dict:
+        return dict(gate_up=w.linear(p + "mlp.gate_proj", p + "mlp.up_proj"), down=w.linear(p + "mlp.down_proj"))
+
+    def _norm_weight(self, w: Checkpoint, name: str) -> torch.Tensor:
+        return w(name)
+
     def _rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         # Computed in fp32 like the reference implementation, whatever the weight dtype.
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.config.rms_norm_eps)
         return weight * xf.to(x.dtype)
 
-    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [N, head_dim / 2]
-        emb = torch.cat([freqs, freqs], dim=-1)  # [N, head_dim]
-        return ((emb.cos() * self.rope_scaling).to(self.dtype)[:, None, :],
-                (emb.sin() * self.rope_scaling).to(self.dtype)[:, None, :])
+    def _attention_options(self, i: int) -> dict:
+        """LayerAttention's options for layer i: a sliding window where the config has one, on the
+        layers its layer_types mark sliding (Qwen2/3), else on every layer (Mistral, Phi-3)."""
+        window = getattr(self.hf, "sliding_window", None)
+        layer_types = getattr(self.hf, "layer_types", None)
+        if layer_types is not None and layer_types[i] != "sliding_attention":
+            window = None
+        return {"window": window} if window else {}
 
-    @staticmethod
-    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        half = x.shape[-1] // 2
-        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-        return x * cos + rotated * sin
+    def _ropes(self) -> tuple[dict[str, Rope], list[str]]:
+        return {"all": Rope(self.hf, self.device, self.dtype)}, ["all"] * self.config.num_layers
 
-    def _qkv_eager(self, x: torch.Tensor, layer: tuple, cos: torch.Tensor,
-                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """x [N, hidden] -> rotated q [N, heads, hd], k [N, kv_heads, hd] and v [N, kv_heads, hd]."""
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed[tokens]
+
+    def _project_qkv(self, x: torch.Tensor, layer: Layer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, hidden] -> q [N, heads, hd], k [N, kv_heads, hd] and v [N, kv_heads, hd], before RoPE."""
         c = self.config
         q_size, kv_size = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        ln1, qkv_proj = layer[0], layer[1]
-        qkv = qkv_proj(self._rms_norm(x, ln1))  # [N, q + 2 kv]
+        qkv = layer.qkv(self._rms_norm(x, layer.input_norm))  # [N, q + 2 kv]
         q = qkv[:, :q_size].view(-1, c.num_heads, c.head_dim)
         k = qkv[:, q_size:q_size + kv_size].view(-1, c.num_kv_heads, c.head_dim)
         v = qkv[:, q_size + kv_size:].view(-1, c.num_kv_heads, c.head_dim)
-        return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
+        return q, k, v
 
-    def _mlp_eager(self, x: torch.Tensor, attn: torch.Tensor, layer: tuple) -> torch.Tensor:
-        """The rest of the layer: output projection, residual, norm, SwiGLU MLP, residual."""
-        _, _, o_proj, ln2, gate_up_proj, down_proj = layer
-        x = x + o_proj(attn)
-        gate, up = gate_up_proj(self._rms_norm(x, ln2)).chunk(2, dim=-1)
-        return x + down_proj(F.silu(gate) * up)
+    def _feed_forward(self, h: torch.Tensor, layer: Layer) -> torch.Tensor:
+        gate, up = layer.gate_up(h).chunk(2, dim=-1)
+        return layer.down(self.act(gate) * up)
+
+    def _mlp_eager(self, x: torch.Tensor, attn: torch.Tensor, layer: Layer) -> torch.Tensor:
+        """The rest of the layer: output projection, residual, norm, feed-forward, residual."""
+        x = x + layer.o_proj(attn)
+        return x + self._feed_forward(self._rms_norm(x, layer.post_attention_norm), layer)
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(self._rms_norm(x, self.norm)).float()
+
+    # ---- the forward -----------------------------------------------------------------------------
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """RoPE on the first cos.shape[-1] dims of each head (all of them unless partial rotary)."""
+        dim = cos.shape[-1]
+        if dim < x.shape[-1]:
+            return torch.cat([Model._rotate(x[..., :dim], cos, sin), x[..., dim:]], dim=-1)
+        half = dim // 2
+        rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+        return x * cos + rotated * sin
+
+    def _qkv_eager(self, x: torch.Tensor, layer: Layer, cos: torch.Tensor,
+                   sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x [N, hidden] -> rotated q [N, heads, hd], k [N, kv_heads, hd] and v [N, kv_heads, hd]."""
+        q, k, v = self._project_qkv(x, layer)
+        return self._rotate(q, cos, sin), self._rotate(k, cos, sin), v
 
     def compile(self) -> None:
         """torch.compile the layers' dense parts (everything but the attention call, whose batch
@@ -485,18 +616,13 @@ class Model:
         tokens, positions: [N] with the sequences' rows concatenated in `batch` order.
         logit_rows: which rows get logits (all when None). Returns fp32 logits [len(logit_rows), vocab].
         """
-        cos, sin = self._rope(positions)
-        x = self.embed[tokens]  # [N, hidden]
-
-        plan = plan_attention(batch, cache, self.device, self.attention_mode)
-        self.attention_calls += plan.calls * len(self.layers)
-
-        attend = LayerAttention(cache, batch, plan, positions)
+        rope = {name: r(positions) for name, r in self.ropes.items()}  # cos, sin [N, 1, rotary_dim] per kind
+        x = self._embed(tokens)  # [N, hidden]
+        attend = self._layer_attention(batch, positions, cache)
         for i, layer in enumerate(self.layers):
-            q, k, v = self._qkv(x, layer, cos, sin)  # [N, heads | kv_heads, hd]
-            attn = attend(i, q, k, v)  # [N, heads * hd]
+            q, k, v = self._qkv(x, layer, *rope[self.layer_rope[i]])  # [N, heads | kv_heads, hd]
+            attn = attend(i, q, k, v, **self.attention_options[i])  # [N, heads * hd]
             x = self._mlp(x, attn, layer)
-
         if logit_rows is not None:
             x = x[logit_rows]
-        return self.lm_head(self._rms_norm(x, self.norm)).float()
+        return self._logits(x)

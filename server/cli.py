@@ -9,7 +9,7 @@ import sys
 import time
 from pathlib import Path
 
-from decoding.config import ATTENTION, DTYPES, METHODS, SAMPLERS, EngineConfig
+from decoding.config import ATTENTION, DTYPES, METHODS, RUNNERS, SAMPLERS, EngineConfig
 from server.settings import ServerSettings, keys_from_env
 
 
@@ -35,6 +35,10 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 def _engine_args(p: argparse.ArgumentParser, calibration_rounds: int = ENGINE["calibration_rounds"]) -> None:
     p.add_argument("--model", default=ENGINE["model"],
                    help="HF model folder or .gguf file (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--runner", default=ENGINE["runner"], choices=RUNNERS,
+                   help="native (this project's runner of the model's family), transformers (transformers' own "
+                        "model class over our KV cache: any decoder it loads, slower) or auto (native where the "
+                        "family has one)")
     p.add_argument("--device", default=ENGINE["device"], help="auto (CUDA when present), cpu or cuda[:N]")
     p.add_argument("--dtype", default=ENGINE["dtype"], choices=DTYPES, help="auto = bfloat16 on CUDA, float32 on CPU")
     p.add_argument("--threads", type=int, default=ENGINE["threads"], help="torch CPU threads (0 = torch's default)")
@@ -67,7 +71,7 @@ def _engine_args(p: argparse.ArgumentParser, calibration_rounds: int = ENGINE["c
 
 
 def _config(args, method: str, max_batch: int = ENGINE["max_batch"]) -> EngineConfig:
-    return EngineConfig(model=args.model, method=method, device=args.device, dtype=args.dtype,
+    return EngineConfig(model=args.model, method=method, runner=args.runner, device=args.device, dtype=args.dtype,
                         threads=args.threads, tree_capacity=args.tree_capacity, adaptive=args.adaptive,
                         max_context=args.max_context, sampler=args.sampler, draft_margin=args.draft_margin,
                         max_batch=max_batch, calibration_rounds=args.calibration_rounds,
@@ -86,11 +90,17 @@ def _settings(args) -> ServerSettings:
         max_stop_length=args.max_stop_length, shutdown_grace=args.shutdown_grace, access_log=args.access_log)
 
 
+def _print_runner(engine) -> None:
+    print(f"[logitspec] runner {engine.model.runner}, architecture {engine.model.architecture}",
+          file=sys.stderr, flush=True)
+
+
 def cmd_generate(args) -> int:
     from decoding.engine import Engine
     from decoding.verify import SamplingParams
 
     engine = Engine(_config(args, args.method))
+    _print_runner(engine)
     params = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     prompt = (engine.chat_prompt([{"role": "user", "content": args.prompt}]) if not args.raw
               else engine.tokenizer.encode(args.prompt))
@@ -136,6 +146,7 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = _settings(args)  # validated before the model loads, so a bad flag fails at once
     engine = Engine(_config(args, args.method, max_batch=args.max_running))
+    _print_runner(engine)
     if not args.served_model_name:
         settings = dataclasses.replace(settings, model_name=engine.loaded.name)
     print(f"[logitspec] serving {settings.model_name} ({engine.device.type}, "

@@ -56,7 +56,8 @@ def test_second_start_reads_the_cache_without_timing_forwards(tiny_loaded, cache
     assert timed == 0
 
 
-@pytest.mark.parametrize("change", ["tree_capacity", "processor", "dtype", "model", "more_rounds", "recalibrate"])
+@pytest.mark.parametrize("change", ["tree_capacity", "processor", "dtype", "runner", "model", "more_rounds",
+                                    "recalibrate"])
 def test_a_different_key_or_recalibrate_measures_again(tiny_loaded, cache, forwards, monkeypatch, change):
     first, _ = start(tiny_loaded, forwards, calibration_rounds=1)
     config, model = {"calibration_rounds": 1}, first.model
@@ -66,6 +67,8 @@ def test_a_different_key_or_recalibrate_measures_again(tiny_loaded, cache, forwa
         monkeypatch.setattr(calibration_cache, "_processor", lambda: "Another CPU")
     elif change == "dtype":
         config["dtype"], model = "bfloat16", None
+    elif change == "runner":
+        config["runner"], model = "transformers", None
     elif change == "model":
         other = dataclasses.replace(tiny_loaded, hf_config={**tiny_loaded.hf_config, "rms_norm_eps": 1e-6})
         _, timed = start(other, forwards, calibration_rounds=1)

@@ -59,9 +59,11 @@ def test_generate_and_bench_defaults_are_the_dataclasses_defaults(command):
 def test_flags_reach_the_config():
     args = build_parser().parse_args(["serve", "--no-adaptive", "--recalibrate", "--calibration-rounds", "3",
                                       "--draft-margin", "0.2", "--max-running", "2", "--session-memory-mb", "1",
-                                      "--attention", "per-sequence", "--compile", "--no-access-log"])
+                                      "--attention", "per-sequence", "--compile", "--no-access-log",
+                                      "--runner", "transformers"])
     config = _config(args, args.method, max_batch=args.max_running)
     assert (config.adaptive, config.recalibrate, config.calibration_rounds, config.draft_margin, config.max_batch,
-            config.attention, config.compile) == (False, True, 3, 0.2, 2, "per-sequence", True)
+            config.attention, config.compile, config.runner) == (False, True, 3, 0.2, 2, "per-sequence", True,
+                                                                 "transformers")
     assert _settings(args).session_bytes == 2**20
     assert _settings(args).access_log is False

@@ -83,7 +83,7 @@ def test_logit_rows_selects_rows(model):
 
 def test_linear_rows_do_not_depend_on_batch_size(model):
     """Prepacked CPU fp32 linears: a row's result is bit-identical alone or among others."""
-    lin = model.layers[0][4]  # gate/up projection
+    lin = model.layers[0].gate_up
     x = torch.randn(40, model.config.hidden_size)
     alone = torch.cat([lin(x[i:i + 1]) for i in range(40)])
     for m in (2, 5, 16, 17, 40):
