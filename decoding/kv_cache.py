@@ -44,6 +44,8 @@ class KVCache:
     middle of the largest free run, leaving its neighbours room to grow (see _place).
     """
 
+    SHARE_MIN_BLOCKS = 8  # a cached prefix this long is shared; a shorter one is copied (attach_prefix)
+
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype, num_blocks: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE):
@@ -214,13 +216,18 @@ class KVCache:
     def attach_prefix(self, slot: int, tokens: list[int], namespace: str = "") -> int:
         """Start the (empty) slot's table with the longest cached chain of `tokens`' full blocks,
         leaving at least the last token to compute (its logits are needed). Returns the number of
-        tokens whose K/V are now in place."""
+        tokens whose K/V are now in place.
+
+        A chain of at least SHARE_MIN_BLOCKS blocks is shared; a shorter one (a chat template's
+        system prompt, say) is copied into the slot's own blocks: sharing it would split the
+        sequence into two runs of the pool for a few tokens' worth of memory, and a sequence in
+        one run at its seat's home is read in place by a batched attention call."""
         if self.tables[slot]:
             raise ValueError(f"slot {slot} already holds blocks")
         self._namespace[slot] = namespace
         bs = self.block_size
         key = self._chain(b"", list(namespace.encode()))
-        keys = []
+        keys, chain = [], []
         for i in range((len(tokens) - 1) // bs):
             key = self._chain(key, tokens[i * bs:(i + 1) * bs])
             block = self._block_of.get(key)
@@ -228,9 +235,24 @@ class KVCache:
                 break
             if self._ref[block] == 0:
                 self._evictable.pop(block, None)
-            self._ref[block] += 1
-            self.tables[slot].append(block)
+            self._ref[block] += 1  # held: neither evicted nor reused while attaching
+            chain.append(block)
             keys.append(key)
+        if len(chain) >= self.SHARE_MIN_BLOCKS:
+            self.tables[slot] = chain
+        elif chain:
+            try:
+                self.reserve(slot, len(chain) * bs)
+                src = torch.tensor(chain, device=self.device)
+                dst = torch.tensor(self.tables[slot][:len(chain)], device=self.device)
+                for k, v in zip(self.k, self.v):
+                    k[:, dst] = k[:, src]
+                    v[:, dst] = v[:, src]
+            finally:
+                for block in chain:
+                    self._ref[block] -= 1
+                    if self._ref[block] == 0:
+                        self._evictable[block] = None  # just used: the most recent
         self._keys[slot] = keys
         self.queried_tokens += len(tokens)
         self.hit_tokens += len(keys) * bs

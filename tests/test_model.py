@@ -189,6 +189,7 @@ def test_layer_attention_options_match_a_naive_reference(mode, scale, window, so
     torch.manual_seed(1)
     heads, kv_heads, hd = 4, 2, 8
     cache = KVCache(1, 4, kv_heads, 32, hd, torch.device("cpu"), torch.float32, block_size=4)
+    cache.SHARE_MIN_BLOCKS = 1
     past = {2: 6, 0: 3, 3: 9}
     seqs = {s: torch.randn(p, kv_heads, hd) for s, p in past.items()}
     # Slot 1 computed and published two blocks; slot 2's prompt shares the first (a prefix hit),

@@ -9,8 +9,10 @@ from decoding.kv_cache import KVCache, KVCacheFull
 BS = 4
 
 
-def bare_cache(blocks=16, slots=4, max_len=16):
-    return KVCache(1, slots, 1, max_len, 2, torch.device("cpu"), torch.float32, num_blocks=blocks, block_size=BS)
+def bare_cache(blocks=16, slots=4, max_len=16, share_min=1):
+    cache = KVCache(1, slots, 1, max_len, 2, torch.device("cpu"), torch.float32, num_blocks=blocks, block_size=BS)
+    cache.SHARE_MIN_BLOCKS = share_min  # these tests share every hit; see test_a_short_hit_is_copied
+    return cache
 
 
 def run(cache, tokens, namespace=""):
@@ -64,6 +66,26 @@ def test_shared_blocks_are_counted_and_cached_ones_evicted_least_recent_first():
         cache.reserve(d, 28)
     with pytest.raises(KVCacheFull):
         cache.reserve(cache.allocate(), 1)
+
+
+def test_a_short_hit_is_copied_into_the_sequences_own_blocks():
+    """Below SHARE_MIN_BLOCKS a hit is copied: the sequence stays one run from its home block, and
+    the cached blocks stay cached (most recently used)."""
+    cache = bare_cache(blocks=32, share_min=3)
+    tokens = list(range(1, 14))  # 3 full blocks
+    a, _ = run(cache, tokens)
+    for i, block in enumerate(cache.tables[a]):
+        cache.k[0][:, block] = float(i + 1)
+    cache.release(a)
+    cache.allocate()  # seat 0, whose home holds a's cached blocks
+    b = cache.allocate()
+    assert cache.attach_prefix(b, tokens[:9] + [50, 51]) == 8  # 2 blocks: copied
+    assert cache.tables[b][0] == cache.home(b) and cache.runs(b, 8) == [(cache.home(b), 2, 0, 8)]
+    assert torch.equal(cache.k[0][:, cache.tables[b][1]], torch.full((1, BS, 2), 2.0))
+    assert cache.used_blocks == 2 and cache.cached_blocks == 3 and next(reversed(cache._evictable)) in (0, 1)
+    c = cache.allocate()
+    assert cache.attach_prefix(c, tokens + [60]) == 12  # 3 blocks: shared
+    assert cache.tables[c] == [0, 1, 2]
 
 
 def test_a_failed_sequence_leaves_nothing_in_the_prefix_cache():
