@@ -44,7 +44,6 @@ class KVCache:
     middle of the largest free run, leaving its neighbours room to grow (see _place).
     """
 
-    SHARE_MIN_BLOCKS = 8  # a cached prefix this long is shared; a shorter one is copied (attach_prefix)
 
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype, num_blocks: int | None = None,
@@ -68,6 +67,10 @@ class KVCache:
         # Each seat's own blocks start at its home block when that one is free or merely cached:
         # sequences that sit at home are one strided view of the pool for a batched attention call.
         self.home_stride = num_blocks // num_slots
+        # A cached prefix this long is shared, a shorter one copied (attach_prefix). On a CPU a
+        # sequence in two runs of the pool loses the in-place batched call and pays a second
+        # attention call per layer; on a GPU a batch's K/V are gathered anyway.
+        self.SHARE_MIN_BLOCKS = 32 if device.type == "cpu" else 1
         self._free_slots = list(range(num_slots))
         self._ref = [0] * num_blocks
         self._free = set(range(num_blocks))  # held by no sequence and not cached
@@ -165,15 +168,15 @@ class KVCache:
         """Give the slot's table enough blocks for cells [0, length). Raises KVCacheFull."""
         table = self.tables[slot]
         while len(table) * self.block_size < length:
-            # A sequence grows on consecutively, even over a cached block; it starts at its seat's
-            # home block only when that one is free (a cached one may be another conversation's).
-            table.append(self._take(table[-1] + 1, evict=True) if table else self._take(self.home(slot), evict=False))
+            # A sequence starts at its seat's home block and grows on consecutively, even over
+            # cached blocks (evicted out of their turn): on a CPU a batch read in place costs less
+            # than the prefill a cached block might save.
+            table.append(self._take(table[-1] + 1 if table else self.home(slot)))
             self._ref[table[-1]] = 1
 
-    def _take(self, prefer: int | None, evict: bool = True) -> int:
-        """prefer: the block wanted, taken when free (or cached and held by none, with evict)."""
-        if prefer is not None and prefer < self.num_blocks and (
-                prefer in self._free or (evict and prefer in self._evictable)):
+    def _take(self, prefer: int | None) -> int:
+        """prefer: the block wanted, taken when free or cached and held by none."""
+        if prefer is not None and prefer < self.num_blocks and (prefer in self._free or prefer in self._evictable):
             block = prefer
         else:
             block = self._place()
@@ -219,9 +222,9 @@ class KVCache:
         tokens whose K/V are now in place.
 
         A chain of at least SHARE_MIN_BLOCKS blocks is shared; a shorter one (a chat template's
-        system prompt, say) is copied into the slot's own blocks: sharing it would split the
-        sequence into two runs of the pool for a few tokens' worth of memory, and a sequence in
-        one run at its seat's home is read in place by a batched attention call."""
+        system prompt, a repeated short prompt) is copied into the slot's own blocks: on a CPU,
+        sharing it would split the sequence into two runs of the pool for little memory, and a
+        sequence in one run at its seat's home is read in place by a batched attention call."""
         if self.tables[slot]:
             raise ValueError(f"slot {slot} already holds blocks")
         self._namespace[slot] = namespace

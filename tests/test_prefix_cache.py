@@ -46,26 +46,28 @@ def test_keys_chain_the_prefix_and_the_namespace():
 
 
 def test_shared_blocks_are_counted_and_cached_ones_evicted_least_recent_first():
-    cache = bare_cache(blocks=6, slots=3, max_len=12)
-    a, _ = run(cache, [1, 2, 3, 4, 5, 6, 7, 8, 9])  # 3 blocks, 2 full (registered)
+    cache = bare_cache(blocks=8, slots=2, max_len=16)  # homes at blocks 0 and 4
+    a, _ = run(cache, [1, 2, 3, 4, 5, 6, 7, 8, 9])  # blocks 0, 1, 2; the first two full (registered)
     b, hit = run(cache, [1, 2, 3, 4, 5, 6, 7, 8, 10])
-    assert hit == 8 and cache.used_blocks == 4  # the two full blocks once, a last block each
+    assert hit == 8 and cache.tables[b][:2] == [0, 1] and cache.used_blocks == 4  # shared once, a last block each
     cache.release(a)
     assert cache.used_blocks == 3  # b still holds the shared ones
     cache.release(b)
-    assert cache.used_blocks == 0 and cache.cached_blocks == 2 and cache.free_blocks == 6
-    c, _ = run(cache, list(range(20, 32)))  # 3 blocks, all full: taken from the 4 free ones
-    cache.release(c)
-    assert cache.cached_blocks == 5 and cache.free_blocks == 6
-    d, hit = run(cache, [1, 2, 3, 4, 40, 41, 42, 43, 44])  # a hit on the first block makes it recent
-    assert hit == 4
-    cache.reserve(d, 24)  # 5 more blocks: the free one, then 4 evictions, least recently released first
-    assert cache.evicted_blocks == 4 and cache.cached_blocks == 2  # its own first, and its second (just registered)
-    assert cache.attach_prefix(cache.allocate(), list(range(20, 29))) == 0  # c's blocks were evicted
+    assert cache.used_blocks == 0 and cache.cached_blocks == 2 and cache.free_blocks == 8
+    c, _ = run(cache, list(range(20, 36)))  # seat 0 again: from its home on, over the cached blocks
+    assert cache.tables[c] == [0, 1, 2, 3] and cache.evicted_blocks == 2
+    d, _ = run(cache, list(range(40, 56)))  # seat 1: blocks 4 .. 7, the pool is full
+    cache.release(d)
+    cache.release(c)  # cached, least recent first: d's 7, 6, 5, 4, then c's 3, 2, 1, 0
+    e = cache.allocate()
+    assert cache.attach_prefix(e, list(range(20, 36)) + [99]) == 16  # c's blocks, now most recent
+    cache.reserve(e, 24)  # its next block (4) is cached: taken, to stay consecutive
+    assert cache.tables[e] == [0, 1, 2, 3, 4, 5]
+    f = cache.allocate()
+    cache.reserve(f, 4)  # its home (4) is e's: no free block, so the least recently released goes
+    assert cache.tables[f] == [7] and cache.cached_blocks == 5  # e holds c's four, and d's 6 is left
     with pytest.raises(KVCacheFull):
-        cache.reserve(d, 28)
-    with pytest.raises(KVCacheFull):
-        cache.reserve(cache.allocate(), 1)
+        cache.reserve(f, 12)
 
 
 def test_a_short_hit_is_copied_into_the_sequences_own_blocks():
@@ -77,7 +79,7 @@ def test_a_short_hit_is_copied_into_the_sequences_own_blocks():
     for i, block in enumerate(cache.tables[a]):
         cache.k[0][:, block] = float(i + 1)
     cache.release(a)
-    cache.allocate()  # seat 0, whose home holds a's cached blocks
+    cache.allocate()  # seat 0 (whose home holds a's cached blocks) stays busy
     b = cache.allocate()
     assert cache.attach_prefix(b, tokens[:9] + [50, 51]) == 8  # 2 blocks: copied
     assert cache.tables[b][0] == cache.home(b) and cache.runs(b, 8) == [(cache.home(b), 2, 0, 8)]
@@ -114,7 +116,7 @@ def test_sequences_start_at_home_and_grow_on_consecutive_blocks():
     assert cache.tables[c] == [8]
 
 
-def test_a_cached_home_block_is_left_to_its_conversation():
+def test_a_sequence_starts_at_home_even_over_cached_blocks():
     cache = bare_cache(blocks=32, max_len=64)
     a = cache.allocate()
     run_tokens = list(range(100, 120))
@@ -122,12 +124,9 @@ def test_a_cached_home_block_is_left_to_its_conversation():
     cache.reserve(a, 20)
     cache.publish(a, run_tokens)
     cache.release(a)  # blocks 0 .. 4 cached
-    b = cache.allocate()  # the same seat, another conversation: it starts elsewhere
-    cache.reserve(b, 4)
-    assert cache.tables[b] != [0] and cache.cached_blocks == 5
-    cache.release(b)
-    c = cache.allocate()
-    assert cache.attach_prefix(c, run_tokens + [7]) == 20 and cache.tables[c] == [0, 1, 2, 3, 4]
+    b = cache.allocate()  # the same seat, another conversation
+    cache.reserve(b, 8)
+    assert cache.tables[b] == [0, 1] and cache.cached_blocks == 3 and cache.evicted_blocks == 2
 
 
 @pytest.mark.slow
