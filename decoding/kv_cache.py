@@ -241,21 +241,27 @@ class KVCache:
             self._ref[block] += 1  # held: neither evicted nor reused while attaching
             chain.append(block)
             keys.append(key)
-        if len(chain) >= self.SHARE_MIN_BLOCKS:
+        at_home = bool(chain) and chain[0] == self.home(slot) and chain[-1] - chain[0] == len(chain) - 1
+        if len(chain) >= self.SHARE_MIN_BLOCKS or at_home:  # (at home already: the seat's last prompt again)
             self.tables[slot] = chain
         elif chain:
-            try:
-                self.reserve(slot, len(chain) * bs)
-                src = torch.tensor(chain, device=self.device)
-                dst = torch.tensor(self.tables[slot][:len(chain)], device=self.device)
-                for k, v in zip(self.k, self.v):
-                    k[:, dst] = k[:, src]
-                    v[:, dst] = v[:, src]
-            finally:
-                for block in chain:
-                    self._ref[block] -= 1
-                    if self._ref[block] == 0:
-                        self._evictable[block] = None  # just used: the most recent
+            # Copied out first: the seat's home, where the copy goes, may be one of the chain's blocks.
+            src = torch.tensor(chain, device=self.device)
+            saved = [(k[:, src].clone(), v[:, src].clone()) for k, v in zip(self.k, self.v)]
+            for block in chain:
+                self._ref[block] -= 1
+                if self._ref[block] == 0:
+                    self._evictable[block] = None  # just used: the most recent
+            self.reserve(slot, len(chain) * bs)
+            own = self.tables[slot][:len(chain)]
+            dst = torch.tensor(own, device=self.device)
+            for (ks, vs), k, v in zip(saved, self.k, self.v):
+                k[:, dst] = ks
+                v[:, dst] = vs
+            for key, block in zip(keys, own):  # the copy stands in for an original it evicted
+                if key not in self._block_of and block not in self._key_of:
+                    self._block_of[key] = block
+                    self._key_of[block] = key
         self._keys[slot] = keys
         self.queried_tokens += len(tokens)
         self.hit_tokens += len(keys) * bs

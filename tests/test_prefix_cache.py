@@ -214,3 +214,14 @@ def test_sixteen_requests_sharing_a_system_prompt_hold_its_blocks_once(real_load
     reference = engines_for(real_loaded, max_context=1536, prefix_caching=False)["ar"]
     for r in (reqs[0], reqs[7]):
         assert reference.generate(r.prompt, SamplingParams(), 6).output == outputs[id(r)]
+
+
+def test_a_short_hit_already_at_the_seats_home_is_taken_in_place():
+    cache = bare_cache(blocks=32, share_min=3)
+    tokens = list(range(1, 10))  # 2 full blocks
+    a, _ = run(cache, tokens)
+    cache.release(a)
+    b = cache.allocate()  # the same seat: its home holds the chain
+    assert cache.attach_prefix(b, tokens) == 8 and cache.tables[b] == [0, 1]
+    cache.reserve(b, 12)
+    assert cache.runs(b, 12) == [(0, 3, 0, 12)] and cache.evicted_blocks == 0
