@@ -634,8 +634,10 @@ class Engine:
             raise RuntimeError(f"generation failed: {seq.error}")
         return seq
 
-    def chat_prompt(self, turns: list[dict]) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+    def chat_prompt(self, turns: list[dict], tools: list[dict] | None = None) -> list[int]:
+        """tools: given to a template that renders them (server/structured.py decides)."""
+        extra = {"tools": tools} if tools else {}
+        ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, **extra)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)

@@ -65,6 +65,7 @@ class GenRequest:
     method: str | None = None
     index: SuffixIndex | None = None
     deadline: float | None = None  # time.monotonic() limit
+    grammar: str | None = None  # an llguidance grammar the output must follow (server/structured.py)
     # set by the scheduler
     id: int = 0
     queue: asyncio.Queue | None = None
@@ -189,8 +190,9 @@ class Scheduler:
         while self._waiting and engine.cache.free_slots > 0:
             req = self._waiting.popleft()
             try:
+                constraint = engine.grammars.constraint(req.grammar) if req.grammar is not None else None
                 req.seq = engine.new_sequence(req.prompt, req.params, req.max_tokens, req.index,
-                                              req.logprobs, req.method)
+                                              req.logprobs, req.method, constraint)
             except ValueError as e:
                 self._fail(req, str(e), 400)
                 continue
