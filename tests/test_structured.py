@@ -33,6 +33,8 @@ def test_reader_in_every_split(text, enabled, content, calls):
         names = [p.text for p in pieces if p.kind == "call"]
         args = ["".join(p.text for p in pieces if p.kind == "arguments" and p.call == k) for k in range(len(names))]
         assert list(zip(names, args)) == calls
+        if size == 1 and calls:  # arguments go out as they arrive, not when the call is complete
+            assert sum(p.kind == "arguments" for p in pieces) > len(calls)
         # a call's name goes out before its arguments, and arguments never carry the closing
         for k in range(len(names)):
             first = next(j for j, p in enumerate(pieces) if p.call == k)
