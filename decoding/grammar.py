@@ -46,8 +46,11 @@ class Grammars:
         if self._lltok is None:
             import llguidance.hf
 
-            self._lltok = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
-                                                       eos_token=sorted(self.stop_ids))
+            try:
+                self._lltok = llguidance.hf.from_tokenizer(self.tokenizer, n_vocab=self.vocab_size,
+                                                           eos_token=sorted(self.stop_ids))
+            except Exception as e:  # e.g. a tokenizer that is not a Hugging Face fast tokenizer
+                raise GrammarError(f"this model's tokenizer cannot be used with a grammar ({type(e).__name__}: {e})")
         return self._lltok
 
     def check(self, grammar: str) -> None:

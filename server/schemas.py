@@ -78,6 +78,19 @@ def param_name(path: tuple) -> str:
     return ".".join(printable(str(p)) for p in path)
 
 
+# The shapes of a tool and of an assistant's call, as the OpenAPI schema documents them (the request
+# schema keeps them as dicts and checks them itself, naming the parameter).
+TOOL_DOC = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"enum": ["function"]},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "description": {"type": "string"},
+        "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}}}
+TOOL_CALL_DOC = {"type": "object", "required": ["type", "function"], "properties": {
+    "id": {"type": "string"}, "type": {"enum": ["function"]},
+    "function": {"type": "object", "required": ["name", "arguments"], "properties": {
+        "name": {"type": "string"}, "arguments": {"type": "string"}}}}}
+
+
 class Speculative(BaseModel):
     model_config = ConfigDict(extra="forbid")
     method: Literal["ar", "pld", "logitspec"] | None = None
@@ -152,15 +165,30 @@ class _Common(BaseModel):
         return self.speculative.method
 
 
+def _message_doc(schema: dict) -> None:
+    """The OpenAPI shape of a message, one per kind of role: only an assistant makes tool calls, and
+    a tool message names the call it answers."""
+    props = schema.pop("properties")
+    schema.pop("required", None)
+    base = {"content": props["content"], "name": props["name"]}
+    schema["anyOf"] = [
+        {"type": "object", "required": ["role"], "properties": {"role": {"enum": ["system", "user", "developer"]}, **base}},
+        {"type": "object", "required": ["role"], "properties": {"role": {"enum": ["assistant"]}, **base,
+                                                                "tool_calls": props["tool_calls"]}},
+        {"type": "object", "required": ["role", "tool_call_id"],
+         "properties": {"role": {"enum": ["tool"]}, **base, "tool_call_id": {"type": "string"}}}]
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", json_schema_extra=_message_doc)
     role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = Field(default=None, json_schema_extra={"anyOf": [  # documented: text parts only
         {"type": "string"}, {"type": "null"},
         {"type": "array", "items": {"type": "object", "required": ["type", "text"],
                                     "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}}]})
     name: str | None = None
-    tool_calls: list[dict] | None = None  # an assistant's calls: [{"id", "type": "function", "function": {"name", "arguments"}}]
+    tool_calls: list[dict] | None = Field(default=None, json_schema_extra={"anyOf": [  # an assistant's calls
+        {"type": "null"}, {"type": "array", "items": TOOL_CALL_DOC}]})
     tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
@@ -181,10 +209,22 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: dict | None = None
+    response_format: dict | None = Field(default=None, json_schema_extra={"anyOf": [
+        {"type": "null"},
+        {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"type": "object", "required": ["type", "json_schema"], "properties": {
+            "type": {"enum": ["json_schema"]},
+            "json_schema": {"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "schema": {"type": "object"}, "strict": {"type": "boolean"}}}}}]})
     modalities: list[str] | None = None
-    tools: list[dict] | None = None
-    tool_choice: str | dict | None = None
+    tools: list[dict] | None = Field(default=None, json_schema_extra={"anyOf": [  # documented: functions
+        {"type": "null"}, {"type": "array", "items": TOOL_DOC}]})
+    tool_choice: str | dict | None = Field(default=None, json_schema_extra={"anyOf": [
+        {"type": "null"}, {"enum": ["none", "auto"]},  # "required" and a named function need tools
+        {"type": "object", "required": ["type", "function"], "properties": {
+            "type": {"enum": ["function"]}, "function": {"type": "object", "required": ["name"],
+                                                         "properties": {"name": {"type": "string"}}}}}]})
     parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
@@ -277,7 +317,7 @@ def _check_tools(tools: list[dict] | None, choice) -> None:
         if choice not in ("none", "auto", "required"):
             raise ParamError("tool_choice must be 'none', 'auto', 'required' or a named function", "tool_choice",
                              "invalid_value")
-        if choice != "none" and not tools:
+        if choice == "required" and not tools:
             raise ParamError("tool_choice is only allowed when tools are specified", "tool_choice", "invalid_value")
         return
     function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None

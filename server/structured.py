@@ -68,6 +68,7 @@ def output_grammar(req: ChatCompletionRequest, grammars: Grammars) -> str | None
     rf = req.response_format or {}
     if rf.get("type") == "json_object":
         answer = json_schema_grammar({"type": "object"})
+        _check(grammars, answer, "response_format")
     elif rf.get("type") == "json_schema":
         param = "response_format.json_schema.schema"
         answer = _schema_grammar(rf["json_schema"].get("schema", {"type": "object"}), param)
