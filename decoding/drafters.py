@@ -34,6 +34,7 @@ class Drafter(Protocol):
     name: str
     guesses: int  # how many top-k tokens of the last logit the drafter wants (0 = none)
     echoes: int  # how many echoes (token chains, see LogitSpecDrafter) the drafter wants (0 = none)
+    forced: bool  # under a grammar, also draft the tokens it forces after the root (decoding/grammar.py)
     lookups: dict[str, list[int]]  # retrieval kind -> [lookups, hits], running totals for metrics
 
     def propose(self, index: SuffixIndex, x0: int, guesses: list[int], echoes: Sequence[Echo] = ()) -> DraftTree:
@@ -52,6 +53,7 @@ class ArDrafter:
     name = "ar"
     guesses = 0
     echoes = 0
+    forced = False
 
     def __init__(self):
         self.lookups: dict[str, list[int]] = {}
@@ -69,6 +71,7 @@ class PldDrafter:
     name = "pld"
     guesses = 0
     echoes = 0
+    forced = True
 
     def __init__(self, max_ngram: int = 3, max_tokens: int = 10):
         self.max_ngram = max_ngram
@@ -107,6 +110,7 @@ class LogitSpecDrafter:
     """
 
     name = "logitspec"
+    forced = True
 
     def __init__(self, guesses: int = 48, next_tokens: int = 48, recent: int = 16, max_match: int = 32,
                  echoes: int = 4, search: int = 256):

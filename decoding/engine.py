@@ -27,6 +27,7 @@ from decoding.config import METHODS, EngineConfig, parse_size
 from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes
 from decoding.drafters import Drafter, Echo, make_drafter
 from decoding.kv_cache import KVCacheFull, bytes_per_token
+from decoding.grammar import Constraint, Grammars
 from decoding.loader import LoadedModel, load, log
 from decoding.families import build_model
 from decoding.model import Runner, SeqBatchEntry
@@ -66,6 +67,9 @@ class Sequence:
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
     root_logits: torch.Tensor | None = None  # [vocab] the last logit, kept for LogitSpec's guesses
     echoes: list[Echo] = field(default_factory=list)  # LogitSpec's echoes for the root (Engine._keep_echoes)
+    # Grammar the output must follow (decoding/grammar.py): consulted when drafting (pruning), when
+    # verifying (masked rows) and when deciding the root; None = unconstrained.
+    constraint: Constraint | None = None
     output: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "error"
     error: str | None = None  # why this sequence failed (finish_reason "error")
@@ -106,6 +110,7 @@ class StepTimes:
     forward: float = 0.0
     verify: float = 0.0
     prefill: float = 0.0
+    grammar: float = 0.0  # pruning trees and masking rows for constrained sequences (inside draft and verify)
     steps: int = 0
     attention_calls: int = 0  # attention calls in decoding steps' forwards, all layers counted
 
@@ -162,6 +167,7 @@ class Engine:
         self.plain_ratio: float | None = None
         self.last_step: StepRecord | None = None
         self.stop_ids = self._stop_ids()
+        self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size, self.stop_ids)
         # Working limits: start at the configuration, halved when a forward runs out of memory.
         self.batch_limit = config.max_batch  # sequences per verification forward
         self.tree_capacity = config.tree_capacity
@@ -273,9 +279,10 @@ class Engine:
 
     def new_sequence(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
                      index: SuffixIndex | None = None, logprobs: int | None = None,
-                     method: str | None = None, cache_namespace: str = "") -> Sequence:
-        """Validate, allocate a KV slot, take the prompt's cached prefix and index the prompt;
-        `prefill` then runs the rest through the model. cache_namespace: prefix-cache blocks are
+                     method: str | None = None, constraint: Constraint | None = None,
+                     cache_namespace: str = "") -> Sequence:
+        """Validate, allocate a KV slot and index the prompt; `prefill` then takes the prompt's
+        cached prefix and runs the rest through the model. cache_namespace: prefix-cache blocks are
         shared only within one namespace (the server's: one per API key)."""
         if not prompt:
             raise ValueError("the prompt is empty")
@@ -287,7 +294,7 @@ class Engine:
         seq = Sequence(prompt=list(prompt), params=params, max_new_tokens=max_new_tokens,
                        stop_ids=self.stop_ids, index=index if index is not None else SuffixIndex(),
                        generator=make_generator(params, self.device), seed=seed, logprobs=logprobs,
-                       drafter=self.drafters[method] if method else self.drafter)
+                       drafter=self.drafters[method] if method else self.drafter, constraint=constraint)
         seq.index.extend(prompt)
         seq.slot = self.cache.allocate()
         seq.cache_namespace = cache_namespace
@@ -326,14 +333,19 @@ class Engine:
         if seq.max_new_tokens <= 0:
             seq.finish_reason = "length"
         else:
-            self._decide_root(seq, logits[0])
+            row = logits[0]
+            if seq.constraint is not None:
+                t0 = time.perf_counter()
+                row = seq.constraint.mask_logits(logits[:1], seq.constraint.next_mask())[0]
+                self.times.grammar += time.perf_counter() - t0
+            self._decide_root(seq, row)
         return True
 
     def start_sequence(self, prompt: list[int], params: SamplingParams, max_new_tokens: int,
                        index: SuffixIndex | None = None, logprobs: int | None = None,
-                       method: str | None = None) -> Sequence:
+                       method: str | None = None, constraint: Constraint | None = None) -> Sequence:
         """Allocate a slot, prefill the prompt and decide the first token."""
-        seq = self.new_sequence(prompt, params, max_new_tokens, index, logprobs, method)
+        seq = self.new_sequence(prompt, params, max_new_tokens, index, logprobs, method, constraint)
         try:
             self.prefill(seq)
         except BaseException:
@@ -418,19 +430,23 @@ class Engine:
             # step accepted drafts is "hot", and its nodes are judged by hot statistics.
             hot = bool(seq.step_sizes) and seq.step_sizes[-1] > 1
             try:
+                forced = self._forced(seq)
                 # A full proposal costs retrievals for every guess; when not even its likeliest
                 # first nodes could pay (large batches, text that does not repeat), skip it.
-                if floor is not None and all(self.stats.p("h." + k if hot else k) <= floor
-                                             for k in seq.drafter.openings(seq.index, seq.root, seq.echoes)):
+                if floor is not None and all(self.stats.p("h." + k if hot else k) <= floor for k in
+                                             seq.drafter.openings(seq.index, seq.root, seq.echoes)
+                                             + (["forced:1"] if forced else [])):
                     trees.append(DraftTree.root(seq.root))
                     continue
                 tree = seq.drafter.propose(seq.index, seq.root, self._guesses(seq), seq.echoes)
+                if hot:
+                    tree.kinds = [k and "h." + k for k in tree.kinds]
+                if seq.constraint is not None:
+                    tree = self._constrain(seq, tree, forced)
             except Exception as e:
                 self._fault(seq, e)
                 trees.append(None)
                 continue
-            if hot:
-                tree.kinds = [k and "h." + k for k in tree.kinds]
             trees.append(tree)
         live = [s for s, t in zip(seqs, trees) if t is not None]
         sized = [t for t in trees if t is not None]
@@ -496,6 +512,28 @@ class Engine:
         if self.cache.free_slots == 0:
             return False
         return running == 0 or self.cache.free_blocks >= self.cache.blocks_for(prompt_len + 1) + running
+
+    def _forced(self, seq: Sequence) -> list[int]:
+        """Under a grammar, the tokens it forces after the root, for drafters that draft them."""
+        if seq.constraint is None or not seq.drafter.forced:
+            return []
+        t0 = time.perf_counter()
+        try:
+            return seq.constraint.forced(seq.root)
+        finally:
+            self.times.grammar += time.perf_counter() - t0
+
+    def _constrain(self, seq: Sequence, tree: DraftTree, forced: list[int]) -> DraftTree:
+        """The drafter's tree under the grammar: forbidden drafts pruned (under the constrained
+        target they have probability 0, so they could never be accepted), and the forced tokens
+        hung under the root as one more chain."""
+        t0 = time.perf_counter()
+        try:
+            tree = seq.constraint.prune(tree) if len(tree) > 1 else tree
+            tree.add_chain(0, forced, [f"forced:{d}" for d in range(1, len(forced) + 1)])
+            return tree
+        finally:
+            self.times.grammar += time.perf_counter() - t0
 
     def _forward_trees(self, seqs: list[Sequence],
                        trees: list[DraftTree]) -> list[tuple[DraftTree, torch.Tensor | None]]:
@@ -573,6 +611,13 @@ class Engine:
                 for t, order, c in zip(trees, ranked, counts)]
 
     def _accept(self, seq: Sequence, tree: DraftTree, logits: torch.Tensor) -> list[int]:
+        raw = logits  # the model's rows, for the finiteness check (masked rows hold -inf on purpose)
+        if seq.constraint is not None:
+            # The constrained target: every row masked at its node's grammar state. From here on
+            # verification, the bonus token, logprobs and echoes all read the constrained rows.
+            t0 = time.perf_counter()
+            logits = seq.constraint.mask_logits(logits, seq.constraint.tree_masks(tree))
+            self.times.grammar += time.perf_counter() - t0
         best = None
         if seq.params.greedy:
             best = logits.argmax(-1).tolist()
@@ -581,7 +626,7 @@ class Engine:
             path, next_token = verify_coupled(tree, logits, seq.params, seq.seed, seq.past_len)
         else:
             path, next_token = verify_sampling(tree, logits, seq.params, seq.generator)
-        if not torch.isfinite(logits[path]).all():  # the rows this step's tokens came from
+        if not torch.isfinite(raw[path]).all():  # the rows this step's tokens came from
             raise NonFiniteLogits("non-finite logits")
         if len(tree) > 1:
             self.stats.record(tree, path)
@@ -603,6 +648,8 @@ class Engine:
             entries = [seq._root_logprob] + [self._logprob(logits[path[j - 1]], tree.tokens[path[j]], seq.logprobs)
                                              for j in range(1, len(new))]
             seq.token_logprobs.extend(entries[:len(new)])
+        if seq.constraint is not None and seq.finish_reason is None:
+            seq.constraint.advance(new)  # the grammar's state follows the output
         seq.output.extend(new)
         seq.step_sizes.append(len(new))
         seq.index.extend(new)
@@ -648,8 +695,8 @@ class Engine:
     # ---- convenience: one request start to end -------------------------------------------------
 
     def generate(self, prompt: list[int], params: SamplingParams | None = None, max_new_tokens: int = 128,
-                 index: SuffixIndex | None = None) -> Sequence:
-        seq = self.start_sequence(prompt, params or SamplingParams(), max_new_tokens, index)
+                 index: SuffixIndex | None = None, constraint: Constraint | None = None) -> Sequence:
+        seq = self.start_sequence(prompt, params or SamplingParams(), max_new_tokens, index, constraint=constraint)
         try:
             while not seq.finished:
                 self.step([seq])
@@ -659,20 +706,22 @@ class Engine:
             raise RuntimeError(f"generation failed: {seq.error}")
         return seq
 
-    def chat_prompt(self, turns: list[dict]) -> list[int]:
+    def chat_prompt(self, turns: list[dict], tools: list[dict] | None = None) -> list[int]:
         """The tokenizer's own chat template. Where the template has no system role and refuses a
         system message (Gemma 2's and Mistral v0.1's raise), the system messages are folded into
         the first user message instead (see fold_system_messages), which is what Gemma 3's
-        template, also without a system role, does itself."""
+        template, also without a system role, does itself. tools: given to a template that renders
+        them (server/structured.py decides)."""
         from jinja2 import TemplateError
 
+        extra = {"tools": tools} if tools else {}
         try:
-            ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True)
+            ids = self.tokenizer.apply_chat_template(turns, add_generation_prompt=True, tokenize=True, **extra)
         except TemplateError:
             folded = fold_system_messages(turns)
             if folded == turns:
                 raise
-            ids = self.tokenizer.apply_chat_template(folded, add_generation_prompt=True, tokenize=True)
+            ids = self.tokenizer.apply_chat_template(folded, add_generation_prompt=True, tokenize=True, **extra)
         if isinstance(ids, dict) or hasattr(ids, "input_ids"):
             ids = ids["input_ids"]
         return list(ids)

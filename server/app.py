@@ -34,6 +34,7 @@ from server.gate import APIKeys, Gate
 from server.metrics import Metrics
 from server.scheduler import Delta, Failed, Finished, GenRequest, QueueFull, Scheduler, ShuttingDown
 from server.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, ParamError, printable
+from server.structured import ToolCallReader, chat_turns, output_grammar, read_all, template_renders_tools
 from server.settings import ServerSettings
 
 log = logging.getLogger("logitspec.server")
@@ -255,7 +256,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                            "max_tokens" if req.token_limit is not None else "messages", "context_length_exceeded")
         return limit
 
-    def submit_all(req, prompts: list[list[int]], index, namespace: str) -> list[GenRequest]:
+    def submit_all(req, prompts: list[list[int]], index, namespace: str, grammar: str | None) -> list[GenRequest]:
         gens = []
         try:
             for p_i, prompt in enumerate(prompts):
@@ -265,7 +266,7 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                         prompt=prompt, params=sampling(req, c), max_tokens=limit, stop=req.stop,
                         logprobs=req.logprobs_k, method=req.method,
                         index=index if index is not None else request_index(), cache_namespace=namespace,
-                        deadline=time.monotonic() + settings.request_timeout)))
+                        deadline=time.monotonic() + settings.request_timeout, grammar=grammar)))
         except QueueFull:
             for g in gens:
                 g.cancel()
@@ -300,13 +301,13 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         toks = sum(r["finish"].completion_tokens for r in results)
         return {"steps": steps, "mean_accepted_tokens": round(toks / steps, 3) if steps else 0.0}
 
-    async def run(request: Request, req, prompts: list[list[int]], chat: bool):
+    async def run(request: Request, req, prompts: list[list[int]], chat: bool, grammar: str | None = None):
         check_model(req.model)
         check_limits(req, prompts, chat)
         index = session_index(req, request)
         # Prefix-cache blocks stay within the API key's namespace: a hit's timing would tell one
         # key what another sent.
-        gens = submit_all(req, prompts, index, getattr(request.state, "key_namespace", ""))
+        gens = submit_all(req, prompts, index, getattr(request.state, "key_namespace", ""), grammar)
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
         created = int(time.time())
         obj = "chat.completion" if chat else "text_completion"
@@ -323,9 +324,17 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         choices = []
         for i, r in enumerate(results):
             if chat:
-                choice = {"index": i, "message": {"role": "assistant", "content": r["text"]},
+                message = {"role": "assistant", "content": r["text"]}
+                reason = r["finish"].reason
+                if req.calls_tools:
+                    content, calls = read_all(r["text"], True)
+                    if calls:
+                        message = {"role": "assistant", "content": content or None,
+                                   "tool_calls": [c.as_message() for c in calls]}
+                        reason = "tool_calls" if reason == "stop" else reason
+                choice = {"index": i, "message": message,
                           "logprobs": _logprobs_chat(tokenizer, r["tokens"], r["logprobs"]) if req.logprobs else None,
-                          "finish_reason": r["finish"].reason}
+                          "finish_reason": reason}
             else:
                 choice = {"index": i, "text": r["text"],
                           "logprobs": _logprobs_text(tokenizer, r["tokens"], r["logprobs"])
@@ -365,6 +374,24 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
 
         pumps = [asyncio.create_task(pump(i, g)) for i, g in enumerate(gens)]
         done, completion, steps = 0, 0, 0
+        # Tool calls are read from each choice's text as it streams (server/structured.py).
+        readers = [ToolCallReader(chat and req.calls_tools) for _ in gens]
+
+        def pieces_chunks(i, pieces, stats, lp):
+            for piece in pieces:
+                if piece.kind == "content":
+                    delta = {"content": piece.text}
+                elif piece.kind == "call":
+                    call = readers[i].calls[piece.call]
+                    delta = {"tool_calls": [{"index": piece.call, "id": call.id, "type": "function",
+                                             "function": {"name": call.name, "arguments": ""}}]}
+                else:
+                    delta = {"tool_calls": [{"index": piece.call, "function": {"arguments": piece.text}}]}
+                yield chunk(i, delta, extra=stats, logprobs=lp)
+                lp = None
+            if lp:
+                yield chunk(i, {"content": ""}, extra=stats, logprobs=lp)
+
         try:
             if chat:
                 for i in range(len(gens)):
@@ -378,15 +405,24 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
                               else _logprobs_text(tokenizer, ev.tokens, ev.logprobs))
                     if ev.text or lp:
                         stats = {"step_tokens": len(ev.tokens)}
-                        yield (chunk(i, {"content": ev.text}, extra=stats, logprobs=lp) if chat
-                               else chunk(i, text=ev.text, extra=stats, logprobs=lp))
+                        if chat:
+                            for c in pieces_chunks(i, readers[i].feed(ev.text), stats, lp):
+                                yield c
+                        else:
+                            yield chunk(i, text=ev.text, extra=stats, logprobs=lp)
                 elif isinstance(ev, Finished):
                     done += 1
                     completion += ev.completion_tokens
                     steps += ev.steps
                     stats = {"steps": ev.steps,
                              "mean_accepted_tokens": round(ev.completion_tokens / ev.steps, 3) if ev.steps else 0.0}
-                    yield chunk(i, {}, finish=ev.reason, extra=stats) if chat else chunk(i, finish=ev.reason, extra=stats)
+                    reason = ev.reason
+                    if chat:
+                        for c in pieces_chunks(i, readers[i].finish(), None, None):
+                            yield c
+                        if readers[i].calls and reason == "stop":
+                            reason = "tool_calls"
+                    yield chunk(i, {}, finish=reason, extra=stats) if chat else chunk(i, finish=reason, extra=stats)
                 elif isinstance(ev, Failed):
                     yield {"event": "error", "data": json.dumps(error_body(ev.status, ev.message, None,
                                                                            "generation_failed"))}
@@ -484,12 +520,14 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     async def chat_completions(request: Request):
         req = await parse(request, ChatCompletionRequest)
         try:
-            messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                        for m in req.messages]
+            turns, template_tools = chat_turns(req, template_renders_tools(tokenizer))
+            # Compiling schemas takes milliseconds (the first one also builds the grammar
+            # tokenizer, about 0.5 s): off the event loop.
+            grammar = await asyncio.to_thread(output_grammar, req, engine.grammars)
         except ParamError as e:
             raise APIError(400, str(e), e.param, e.code)
-        prompt = engine.chat_prompt(messages)
-        return await run(request, req, [prompt], chat=True)
+        prompt = engine.chat_prompt(turns, template_tools)
+        return await run(request, req, [prompt], chat=True, grammar=grammar)
 
     @app.post("/v1/completions", openapi_extra=_request_body(CompletionRequest), responses=ERROR_RESPONSES)
     async def completions(request: Request):

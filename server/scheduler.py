@@ -67,6 +67,7 @@ class GenRequest:
     index: SuffixIndex | None = None
     deadline: float | None = None  # time.monotonic() limit
     cache_namespace: str = ""  # prefix-cache blocks are shared only within one (one per API key)
+    grammar: str | None = None  # an llguidance grammar the output must follow (server/structured.py)
     # set by the scheduler
     id: int = 0
     queue: asyncio.Queue | None = None
@@ -193,8 +194,9 @@ class Scheduler:
                                                   len(self._running) + len(self._prefilling)):
             req = self._waiting.popleft()
             try:
+                constraint = engine.grammars.constraint(req.grammar) if req.grammar is not None else None
                 req.seq = engine.new_sequence(req.prompt, req.params, req.max_tokens, req.index,
-                                              req.logprobs, req.method, req.cache_namespace)
+                                              req.logprobs, req.method, constraint, req.cache_namespace)
             except ValueError as e:
                 self._fail(req, str(e), 400)
                 continue

@@ -6,6 +6,7 @@ the parameter: a client must never believe a setting took effect when it did not
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -18,11 +19,8 @@ UNSUPPORTED_UNLESS_NEUTRAL: dict[str, Any] = {
     "frequency_penalty": 0,
     "presence_penalty": 0,
     "logit_bias": {},
-    "tools": [],
-    "tool_choice": "none",
     "functions": [],
     "function_call": "none",
-    "parallel_tool_calls": None,
     "best_of": 1,
     "echo": False,
     "suffix": None,
@@ -78,6 +76,19 @@ def param_name(path: tuple) -> str:
     """A JSON path as OpenAI-style `param` ("messages.0.content"), printable even when a key is not
     valid Unicode."""
     return ".".join(printable(str(p)) for p in path)
+
+
+# The shapes of a tool and of an assistant's call, as the OpenAPI schema documents them (the request
+# schema keeps them as dicts and checks them itself, naming the parameter).
+TOOL_DOC = {"type": "object", "required": ["type", "function"], "properties": {
+    "type": {"enum": ["function"]},
+    "function": {"type": "object", "required": ["name"], "properties": {
+        "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"}, "description": {"type": "string"},
+        "parameters": {"type": "object"}, "strict": {"type": "boolean"}}}}}
+TOOL_CALL_DOC = {"type": "object", "required": ["type", "function"], "properties": {
+    "id": {"type": "string"}, "type": {"enum": ["function"]},
+    "function": {"type": "object", "required": ["name", "arguments"], "properties": {
+        "name": {"type": "string"}, "arguments": {"type": "string"}}}}}
 
 
 class Speculative(BaseModel):
@@ -154,14 +165,31 @@ class _Common(BaseModel):
         return self.speculative.method
 
 
+def _message_doc(schema: dict) -> None:
+    """The OpenAPI shape of a message, one per kind of role: only an assistant makes tool calls, and
+    a tool message names the call it answers."""
+    props = schema.pop("properties")
+    schema.pop("required", None)
+    base = {"content": props["content"], "name": props["name"]}
+    schema["anyOf"] = [
+        {"type": "object", "required": ["role"], "properties": {"role": {"enum": ["system", "user", "developer"]}, **base}},
+        {"type": "object", "required": ["role"], "properties": {"role": {"enum": ["assistant"]}, **base,
+                                                                "tool_calls": props["tool_calls"]}},
+        {"type": "object", "required": ["role", "tool_call_id"],
+         "properties": {"role": {"enum": ["tool"]}, **base, "tool_call_id": {"type": "string"}}}]
+
+
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    role: Literal["system", "user", "assistant", "developer"]
+    model_config = ConfigDict(extra="allow", json_schema_extra=_message_doc)
+    role: Literal["system", "user", "assistant", "developer", "tool"]
     content: str | list[dict] | None = Field(default=None, json_schema_extra={"anyOf": [  # documented: text parts only
         {"type": "string"}, {"type": "null"},
         {"type": "array", "items": {"type": "object", "required": ["type", "text"],
                                     "properties": {"type": {"enum": ["text"]}, "text": {"type": "string"}}}}]})
     name: str | None = None
+    tool_calls: list[dict] | None = Field(default=None, json_schema_extra={"anyOf": [  # an assistant's calls
+        {"type": "null"}, {"type": "array", "items": TOOL_CALL_DOC}]})
+    tool_call_id: str | None = None  # a tool message: the call it answers
 
     def text(self) -> str:
         if self.content is None:
@@ -181,14 +209,30 @@ class ChatCompletionRequest(_Common):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=20)
-    response_format: dict | None = None
+    response_format: dict | None = Field(default=None, json_schema_extra={"anyOf": [
+        {"type": "null"},
+        {"type": "object", "required": ["type"], "properties": {"type": {"enum": ["text", "json_object"]}}},
+        {"type": "object", "required": ["type", "json_schema"], "properties": {
+            "type": {"enum": ["json_schema"]},
+            "json_schema": {"type": "object", "required": ["name"], "properties": {
+                "name": {"type": "string", "pattern": "^[A-Za-z0-9_-]{1,64}$"},
+                "schema": {"type": "object"}, "strict": {"type": "boolean"}}}}}]})
     modalities: list[str] | None = None
+    tools: list[dict] | None = Field(default=None, json_schema_extra={"anyOf": [  # documented: functions
+        {"type": "null"}, {"type": "array", "items": TOOL_DOC}]})
+    tool_choice: str | dict | None = Field(default=None, json_schema_extra={"anyOf": [
+        {"type": "null"}, {"enum": ["none", "auto"]},  # "required" and a named function need tools
+        {"type": "object", "required": ["type", "function"], "properties": {
+            "type": {"enum": ["function"]}, "function": {"type": "object", "required": ["name"],
+                                                         "properties": {"name": {"type": "string"}}}}}]})
+    parallel_tool_calls: bool | None = None
 
     @model_validator(mode="after")
     def _chat_rules(self):
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            raise ParamError("only response_format {'type': 'text'} is supported", "response_format",
-                             "unsupported_parameter")
+        _check_response_format(self.response_format)
+        _check_tools(self.tools, self.tool_choice)
+        for i, m in enumerate(self.messages):
+            _check_message(m, f"messages[{i}]")
         if self.modalities and self.modalities != ["text"]:
             raise ParamError("only the text modality is supported", "modalities", "unsupported_parameter")
         if self.top_logprobs and not self.logprobs:
@@ -200,8 +244,106 @@ class ChatCompletionRequest(_Common):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
     @property
+    def tool_choice_mode(self) -> str:
+        """none | auto | required (a named function is required too)."""
+        if not self.tools:
+            return "none"
+        if self.tool_choice is None:
+            return "auto"
+        return self.tool_choice if isinstance(self.tool_choice, str) else "required"
+
+    @property
+    def tool_choice_name(self) -> str | None:
+        return self.tool_choice["function"]["name"] if isinstance(self.tool_choice, dict) else None
+
+    @property
+    def calls_tools(self) -> bool:
+        return self.tool_choice_mode != "none"
+
+    @property
     def logprobs_k(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+FUNCTION_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _object(value, param: str) -> dict:
+    if not isinstance(value, dict):
+        raise ParamError(f"{param} must be an object", param, "invalid_value")
+    return value
+
+
+def _check_response_format(rf: dict | None) -> None:
+    if rf is None:
+        return
+    kind = rf.get("type")
+    if kind not in ("text", "json_object", "json_schema"):
+        raise ParamError("response_format.type must be 'text', 'json_object' or 'json_schema'", "response_format.type",
+                         "invalid_value")
+    if kind == "json_schema":
+        spec = _object(rf.get("json_schema"), "response_format.json_schema")
+        if not isinstance(spec.get("name"), str) or not FUNCTION_NAME.fullmatch(spec["name"]):
+            raise ParamError("response_format.json_schema.name must be 1-64 letters, digits, '_' or '-'",
+                             "response_format.json_schema.name", "invalid_value")
+        if "schema" in spec:
+            _object(spec["schema"], "response_format.json_schema.schema")
+        if spec.get("strict") not in (None, True, False):
+            raise ParamError("response_format.json_schema.strict must be a boolean",
+                             "response_format.json_schema.strict", "invalid_value")
+
+
+def _check_tools(tools: list[dict] | None, choice) -> None:
+    names = set()
+    for i, tool in enumerate(tools or []):
+        param = f"tools[{i}]"
+        _object(tool, param)
+        if tool.get("type") != "function":
+            raise ParamError(f"{param}.type must be 'function'", f"{param}.type", "invalid_value")
+        function = _object(tool.get("function"), f"{param}.function")
+        name = function.get("name")
+        if not isinstance(name, str) or not FUNCTION_NAME.fullmatch(name):
+            raise ParamError(f"{param}.function.name must be 1-64 letters, digits, '_' or '-'",
+                             f"{param}.function.name", "invalid_value")
+        if name in names:
+            raise ParamError(f"{param}.function.name: '{name}' is given twice", f"{param}.function.name",
+                             "invalid_value")
+        names.add(name)
+        if function.get("parameters") is not None:
+            _object(function["parameters"], f"{param}.function.parameters")
+    if choice is None:
+        return
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise ParamError("tool_choice must be 'none', 'auto', 'required' or a named function", "tool_choice",
+                             "invalid_value")
+        if choice == "required" and not tools:
+            raise ParamError("tool_choice is only allowed when tools are specified", "tool_choice", "invalid_value")
+        return
+    function = choice.get("function") if isinstance(choice, dict) and choice.get("type") == "function" else None
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise ParamError("tool_choice must be 'none', 'auto', 'required' or "
+                         "{'type': 'function', 'function': {'name': ...}}", "tool_choice", "invalid_value")
+    if function["name"] not in names:
+        raise ParamError(f"tool_choice.function.name: '{function['name']}' is not among the tools",
+                         "tool_choice.function.name", "invalid_value")
+
+
+def _check_message(m: ChatMessage, param: str) -> None:
+    if m.role == "tool" and not isinstance(m.tool_call_id, str):
+        raise ParamError(f"{param}.tool_call_id: a tool message answers a call, named by its id",
+                         f"{param}.tool_call_id", "invalid_value")
+    if m.tool_calls is not None:
+        if m.role != "assistant":
+            raise ParamError(f"{param}.tool_calls: only assistant messages make calls", f"{param}.tool_calls",
+                             "invalid_value")
+        for j, call in enumerate(m.tool_calls):
+            function = call.get("function") if isinstance(call, dict) else None
+            if not isinstance(function, dict) or not isinstance(function.get("name"), str) \
+                    or not isinstance(function.get("arguments", ""), str):
+                raise ParamError(f"{param}.tool_calls[{j}] must be {{'id', 'type': 'function', "
+                                 f"'function': {{'name', 'arguments'}}}} with arguments a JSON string",
+                                 f"{param}.tool_calls[{j}]", "invalid_value")
 
 
 class CompletionRequest(_Common):
