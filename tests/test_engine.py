@@ -24,7 +24,10 @@ def test_greedy_speculative_equals_ar(engines):
         assert seq.finish_reason == ar.finish_reason
 
 
-def test_speculation_takes_fewer_steps_on_repetitive_output(engines):
+def test_speculation_takes_fewer_steps_on_repetitive_output(tiny_loaded):
+    # Full trees: with cost-aware sizing, a start-up calibration timed on a busy machine may
+    # rightly decide that no draft pays, which is not what this test is about.
+    engines = engines_for(tiny_loaded, max_context=256, adaptive=False)
     ar = engines["ar"].generate(PROMPT, SamplingParams(), 60)
     spec = engines["logitspec"].generate(PROMPT, SamplingParams(), 60)
     assert ar.steps == len(ar.output) or ar.finish_reason == "stop"
