@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from decoding.specbench import DEFAULT_DATA, read_questions  # noqa: E402
-from sse import aiter_sse  # noqa: E402
+from sse import aiter_chunks  # noqa: E402
 
 
 def percentile(xs: list[float], q: float) -> float:
@@ -50,10 +50,7 @@ async def one_request(http: httpx.AsyncClient, prompt: str, max_tokens: int, spe
     first, arrivals, tokens = None, [], 0
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
-        async for _, data in aiter_sse(r):
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
+        async for chunk in aiter_chunks(r):
             if chunk.get("usage"):
                 tokens = chunk["usage"]["completion_tokens"]
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
 from decoding.specbench import DEFAULT_DATA, read_questions  # noqa: E402
-from sse import aiter_sse  # noqa: E402
+from sse import aiter_chunks  # noqa: E402
 
 FOLLOW_UPS = ["Summarize that in one sentence.", "Which people or organisations does it mention?",
               "What is the most important number in it?", "Suggest a short title for it."]
@@ -61,10 +61,7 @@ async def turn(http: httpx.AsyncClient, messages: list[dict], key: str, max_toke
     first, text, usage = None, [], {}
     async with http.stream("POST", "/v1/chat/completions", json=body) as r:
         r.raise_for_status()
-        async for _, data in aiter_sse(r):
-            if data == "[DONE]":
-                break
-            chunk = json.loads(data)
+        async for chunk in aiter_chunks(r):
             if chunk.get("usage"):
                 usage = chunk["usage"]
             if chunk["choices"] and chunk["choices"][0]["delta"].get("content"):

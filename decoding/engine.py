@@ -188,11 +188,11 @@ class Engine:
         if self.config.kv_memory != "auto":
             return parse_size(self.config.kv_memory)
         c = self.model.config
-        full = self.config.max_batch * max_len * bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
+        context = max_len * bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype)
         if self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            return max(free // 2, bytes_per_token(c.num_layers, c.num_kv_heads, c.head_dim, self.dtype) * max_len)
-        return min(full, 2 * 2**30)
+            return max(free // 2, context)
+        return min(self.config.max_batch * context, 2 * 2**30)
 
     def _stop_ids(self) -> frozenset[int]:
         ids = set()

@@ -216,6 +216,17 @@ class KVCache:
     def _chain(self, prev: bytes, tokens: list[int]) -> bytes:
         return hashlib.blake2b(prev + array("l", tokens).tobytes(), digest_size=16).digest()
 
+    def _root_key(self, namespace: str) -> bytes:
+        """What a namespace's first block key is chained from."""
+        return self._chain(b"", list(namespace.encode()))
+
+    def _register(self, key: bytes, block: int) -> None:
+        """File a full block under its key, unless the key or the block is filed already (another
+        sequence computed the same block first)."""
+        if key not in self._block_of and block not in self._key_of:
+            self._block_of[key] = block
+            self._key_of[block] = key
+
     def attach_prefix(self, slot: int, tokens: list[int], namespace: str = "") -> int:
         """Start the (empty) slot's table with the longest cached chain of `tokens`' full blocks,
         leaving at least the last token to compute (its logits are needed). Returns the number of
@@ -229,7 +240,7 @@ class KVCache:
             raise ValueError(f"slot {slot} already holds blocks")
         self._namespace[slot] = namespace
         bs = self.block_size
-        key = self._chain(b"", list(namespace.encode()))
+        key = self._root_key(namespace)
         keys, chain = [], []
         for i in range((len(tokens) - 1) // bs):
             key = self._chain(key, tokens[i * bs:(i + 1) * bs])
@@ -259,9 +270,7 @@ class KVCache:
                 k[:, dst] = ks
                 v[:, dst] = vs
             for key, block in zip(keys, own):  # the copy stands in for an original it evicted
-                if key not in self._block_of and block not in self._key_of:
-                    self._block_of[key] = block
-                    self._key_of[block] = key
+                self._register(key, block)
         self._keys[slot] = keys
         self.queried_tokens += len(tokens)
         self.hit_tokens += len(keys) * bs
@@ -278,14 +287,11 @@ class KVCache:
         full = min(len(tokens) // bs, len(table))
         if len(keys) >= full:
             return
-        key = keys[-1] if keys else self._chain(b"", list(self._namespace[slot].encode()))
+        key = keys[-1] if keys else self._root_key(self._namespace[slot])
         for i in range(len(keys), full):
             key = self._chain(key, tokens[i * bs:(i + 1) * bs])
             keys.append(key)
-            block = table[i]
-            if key not in self._block_of and block not in self._key_of:
-                self._block_of[key] = block
-                self._key_of[block] = key
+            self._register(key, table[i])
 
     # ---- cells -------------------------------------------------------------------------------
 
@@ -303,20 +309,20 @@ class KVCache:
 
     def cells(self, slot: int, start: int, n: int) -> tuple[list[int], list[int]]:
         """(block, offset) of the slot's cells start .. start + n - 1."""
+        return self.locate(slot, range(start, start + n))
+
+    def locate(self, slot: int, cells) -> tuple[list[int], list[int]]:
+        """(blocks, offsets) of the slot's cells, in order."""
         table, bs = self.tables[slot], self.block_size
-        cells = range(start, start + n)
         return [table[c // bs] for c in cells], [c % bs for c in cells]
 
     def keep(self, slot: int, past_len: int, accepted: list[int]) -> None:
         """Move tree rows `accepted` (indices into the last forward's new tokens, ascending) to the front."""
         if accepted == list(range(len(accepted))):
             return  # already in place: the accepted path is a prefix (always so for chains)
-        table, bs = self.tables[slot], self.block_size
-        src = [past_len + a for a in accepted]
-        src_b = torch.tensor([table[c // bs] for c in src], device=self.device)
-        src_o = torch.tensor([c % bs for c in src], device=self.device)
-        dst_b, dst_o = self.cells(slot, past_len, len(accepted))
-        dst_b, dst_o = torch.tensor(dst_b, device=self.device), torch.tensor(dst_o, device=self.device)
+        src_b, src_o = (torch.tensor(x, device=self.device)
+                        for x in self.locate(slot, [past_len + a for a in accepted]))
+        dst_b, dst_o = (torch.tensor(x, device=self.device) for x in self.cells(slot, past_len, len(accepted)))
         for k, v in zip(self.k, self.v):
             k[:, dst_b, dst_o] = k[:, src_b, src_o]
             v[:, dst_b, dst_o] = v[:, src_b, src_o]

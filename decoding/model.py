@@ -123,7 +123,6 @@ def plan_attention(batch: list[SeqBatchEntry], cache: KVCache, device: torch.dev
         b, o = cache.cells(e.slot, e.past_len, e.n)
         blocks += b
         offsets += o
-    row_seq = torch.tensor([j for j, e in enumerate(batch) for _ in range(e.n)])
     row_cell = torch.tensor([e.past_len + i for e in batch for i in range(e.n)])
     row_block, row_off = torch.tensor(blocks, device=device), torch.tensor(offsets, device=device)
     rows = len(blocks)
@@ -150,10 +149,9 @@ def plan_attention(batch: list[SeqBatchEntry], cache: KVCache, device: torch.dev
             m = torch.ones(e.n, e.past_len + e.n, dtype=torch.bool)
             m[:, e.past_len:] = e.new_rows_mask()
             masks.append(m.to(device))
+        row_seq = torch.tensor([j for j, e in enumerate(batch) for _ in range(e.n)])
         return AttentionPlan(row_block, row_off, row_seq, row_cell, False, masks=masks, runs=runs)
-    l_max = max(e.past_len + e.n for e in batch)
     width = cache.blocks_for(l_max)
-    lo, hi = min(e.slot for e in batch), max(e.slot for e in batch)
     if at_home:
         # Every sequence is one run from its seat's home block: the seats lo..hi are one strided
         # view of the pool, as slots were (no copy). Cells read there beyond a sequence's own

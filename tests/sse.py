@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator, Iterable, Iterator
 
 
@@ -32,3 +33,11 @@ async def aiter_sse(response) -> AsyncIterator[tuple[str | None, str]]:
     async for line in response.aiter_lines():
         if (item := parser.feed(line)) is not None:
             yield item
+
+
+async def aiter_chunks(response) -> AsyncIterator[dict]:
+    """The JSON chunks of an OpenAI-style stream, up to its [DONE]."""
+    async for _, data in aiter_sse(response):
+        if data == "[DONE]":
+            return
+        yield json.loads(data)
