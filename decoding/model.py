@@ -79,17 +79,19 @@ class AttentionPlan:
     """How one forward's rows meet the paged KV cache, worked out once and shared by every layer.
 
     Every new row's K/V go to (block, offset) of its sequence's table in one indexed write per
-    layer. Attention then runs either as one call for the whole batch (`batched`): queries padded
-    to [sequences, n_max], keys gathered from the tables into [sequences, kv_heads, l_max, hd], and
-    a [sequences, 1, n_max, l_max] mask that lets each row see its own past and its tree
-    ancestors; or as one call per sequence over its blocks, a plain view of the pool when they are
-    consecutive there, else gathered.
+    layer. Attention then runs either as one call for a group of sequences (`batched`): queries
+    padded to [sequences, n_max], keys read as [sequences, kv_heads, l_max, hd] (in place from the
+    seats' home blocks, or gathered from the tables), and a [sequences, 1, n_max, l_max] mask that
+    lets each row see its own past and its tree ancestors; or as one call per sequence over its
+    blocks, a plain view of the pool when they are consecutive there, else one call per run. A
+    plan may also be made of `parts`, each a plan of its own for some of the sequences (on a CPU:
+    neighbouring seats of similar length batched together, the rest one call each).
     """
 
-    row_block: torch.Tensor  # [N] block of each new row's cell
-    row_off: torch.Tensor  # [N] offset in that block
-    row_seq: torch.Tensor  # [N] (CPU) its entry in a batched call's padded batch
-    row_cell: torch.Tensor  # [N] (CPU) its cell in the sequence (past_len + i)
+    row_block: torch.Tensor | None  # [N] block of each new row's cell (the whole forward's plan)
+    row_off: torch.Tensor | None  # [N] offset in that block
+    row_seq: torch.Tensor | None  # [N] (CPU) its entry in a batched call's padded batch
+    row_cell: torch.Tensor | None  # [N] (CPU) its cell in the sequence (past_len + i)
     batched: bool
     n_max: int = 0
     l_max: int = 0
@@ -102,56 +104,126 @@ class AttentionPlan:
     seats: int = 0  # batched: entries of the padded batch (sequences, or seats lo..hi when at home)
     home: int | None = None  # batched at home: the first seat's home block; seats are home_stride blocks apart
     home_stride: int = 0
+    # composite: (its rows among the forward's [N], its batch entries, their plan)
+    parts: list[tuple[torch.Tensor, list[SeqBatchEntry], AttentionPlan]] | None = None
 
     @property
     def calls(self) -> int:
         """Attention calls per layer."""
+        if self.parts is not None:
+            return sum(part.calls for _, _, part in self.parts)
         return 1 if self.batched else len(self.masks)
+
+
+# What one attention call costs on a CPU, in units of one cached token read for one sequence
+# (its K and V for every KV head), from timings of the CPU flash kernel on a 2-core AVX2 EPYC:
+# time ~ 4 us + 0.115 us x sequences x keys x (1 + 0.26 x (query rows - 1)), plus ~30 us of
+# Python and small ops around each call. The kernel reads every key of the padded batch, masked
+# or not: a batch that pads many short sequences to one long one reads mostly padding.
+CALL_COST = 300.0
+ROW_COST = 0.26
+
+
+def _segments(batch: list[SeqBatchEntry], runs: list[list[tuple[int, int, int, int]]],
+              cache: KVCache) -> list[list[int]]:
+    """CPU grouping of a batch into attention calls: entries (indices into `batch`) that sit at
+    their seat's home are cut, in seat order, into runs of neighbouring seats read in place as one
+    batched call, where that costs less than separate calls (CALL_COST, ROW_COST); every other
+    entry is a group of one. Minimum-cost cut by dynamic programming over the seat order."""
+    at_home = sorted((i for i, (e, r) in enumerate(zip(batch, runs))
+                      if len(r) == 1 and r[0][0] == cache.home(e.slot)), key=lambda i: batch[i].slot)
+    singles = [[i] for i in range(len(batch)) if i not in set(at_home)]
+    m = len(at_home)
+    best, cut = [0.0] + [float("inf")] * m, [0] * (m + 1)
+    for j in range(1, m + 1):
+        last = batch[at_home[j - 1]]
+        n_max = l_max = 0
+        for i in range(j, 0, -1):  # the group at_home[i - 1 .. j - 1]
+            e = batch[at_home[i - 1]]
+            n_max, l_max = max(n_max, e.n), max(l_max, e.past_len + e.n)
+            if i == j:  # one sequence: its own call, no padding
+                cost = CALL_COST + l_max * (1 + ROW_COST * (n_max - 1))
+            elif cache.home(last.slot) + cache.blocks_for(l_max) > cache.num_blocks:
+                continue  # the strided view would run past the pool
+            else:
+                cost = CALL_COST + (last.slot - e.slot + 1) * l_max * (1 + ROW_COST * (n_max - 1))
+            if best[i - 1] + cost < best[j]:
+                best[j], cut[j] = best[i - 1] + cost, i - 1
+    groups, j = [], m
+    while j > 0:
+        groups.append(at_home[cut[j]:j])
+        j = cut[j]
+    return groups[::-1] + singles
 
 
 def plan_attention(batch: list[SeqBatchEntry], cache: KVCache, device: torch.device,
                    mode: str = "auto") -> AttentionPlan:
-    """Reserve the cells this forward writes and plan its attention. mode auto: one batched call
-    on an accelerator (per-sequence calls are launch-bound there); on a CPU, batched when every
-    sequence sits at its seat's home (K/V read in place) and padding adds at most half the query
-    rows. Measured on a 2-core CPU with fixed slots (bench/attention.py, docs/attention_cpu.txt):
-    batched took 0.81-0.98x the time of per-sequence calls for plain steps and 0.86-0.91x for
-    equal trees at 4-16 sequences, but 1.07-1.51x with one tree among single rows."""
+    """Reserve the cells this forward writes and plan its attention. mode batched: one call;
+    per-sequence: one per sequence; auto: one batched call on an accelerator (per-sequence calls
+    are launch-bound there), and on a CPU the cheapest grouping by `_segments`: a batched call
+    must read its K/V in place (gathering them costs more than the calls it saves) and reads every
+    sequence padded to the longest, so sequences of very different lengths, or a tree among
+    single rows, are better apart (bench/attention.py, docs/attention_cpu.txt)."""
     blocks, offsets = [], []
     for e in batch:
         cache.reserve(e.slot, e.past_len + e.n)
         b, o = cache.cells(e.slot, e.past_len, e.n)
         blocks += b
         offsets += o
-    row_cell = torch.tensor([e.past_len + i for e in batch for i in range(e.n)])
     row_block, row_off = torch.tensor(blocks, device=device), torch.tensor(offsets, device=device)
-    rows = len(blocks)
-    n_max = max(e.n for e in batch)
     runs = [cache.runs(e.slot, e.past_len + e.n) for e in batch]
-    l_max = max(e.past_len + e.n for e in batch)
-    lo, hi = min(e.slot for e in batch), max(e.slot for e in batch)
-    at_home = (all(len(r) == 1 and r[0][0] == cache.home(e.slot) for r, e in zip(runs, batch))
-               and cache.home(hi) + cache.blocks_for(l_max) <= cache.num_blocks)
-    if mode == "auto":
-        # One sequence is one call either way: the per-sequence path skips the padding and mask.
-        # On a CPU the batched call must also read its K/V in place (gathering them costs more
-        # than the calls it saves).
-        batched = len(batch) > 1 and (device.type != "cpu"
-                                      or (at_home and 2 * (hi - lo + 1) * n_max <= 3 * rows))
+    if mode == "auto" and device.type == "cpu" and len(batch) > 1:
+        groups = _segments(batch, runs, cache)
+        if len(groups) > 1 and any(len(g) > 1 for g in groups):
+            starts = [0]
+            for e in batch:
+                starts.append(starts[-1] + e.n)
+            parts, singles = [], []
+            for g in groups:
+                if len(g) == 1:
+                    singles += g
+                else:
+                    parts.append((g, _batched_plan([batch[i] for i in g], [runs[i] for i in g], cache, device)))
+            if singles:
+                singles.sort()
+                parts.append((singles, _per_sequence_plan([batch[i] for i in singles], [runs[i] for i in singles],
+                                                          device)))
+            parts = [(torch.tensor([r for i in g for r in range(starts[i], starts[i + 1])], device=device),
+                      [batch[i] for i in g], part) for g, part in parts]
+            return AttentionPlan(row_block, row_off, None, None, True, parts=parts)
+        batched = len(groups) == 1
+    elif mode == "auto":
+        batched = len(batch) > 1
     else:
         batched = mode == "batched"
-    if not batched:
-        masks = []
-        for e in batch:
-            if e.tree_mask is None and e.n == 1:
-                masks.append(None)
-                continue
-            m = torch.ones(e.n, e.past_len + e.n, dtype=torch.bool)
-            m[:, e.past_len:] = e.new_rows_mask()
-            masks.append(m.to(device))
-        row_seq = torch.tensor([j for j, e in enumerate(batch) for _ in range(e.n)])
-        return AttentionPlan(row_block, row_off, row_seq, row_cell, False, masks=masks, runs=runs)
+    plan = _batched_plan(batch, runs, cache, device) if batched else _per_sequence_plan(batch, runs, device)
+    plan.row_block, plan.row_off = row_block, row_off
+    return plan
+
+
+def _per_sequence_plan(batch: list[SeqBatchEntry], runs: list[list[tuple[int, int, int, int]]],
+                       device: torch.device) -> AttentionPlan:
+    masks = []
+    for e in batch:
+        if e.tree_mask is None and e.n == 1:
+            masks.append(None)
+            continue
+        m = torch.ones(e.n, e.past_len + e.n, dtype=torch.bool)
+        m[:, e.past_len:] = e.new_rows_mask()
+        masks.append(m.to(device))
+    row_seq = torch.tensor([j for j, e in enumerate(batch) for _ in range(e.n)])
+    row_cell = torch.tensor([e.past_len + i for e in batch for i in range(e.n)])
+    return AttentionPlan(None, None, row_seq, row_cell, False, masks=masks, runs=runs)
+
+
+def _batched_plan(batch: list[SeqBatchEntry], runs: list[list[tuple[int, int, int, int]]], cache: KVCache,
+                  device: torch.device) -> AttentionPlan:
+    n_max = max(e.n for e in batch)
+    l_max = max(e.past_len + e.n for e in batch)
+    lo, hi = min(e.slot for e in batch), max(e.slot for e in batch)
     width = cache.blocks_for(l_max)
+    at_home = (all(len(r) == 1 and r[0][0] == cache.home(e.slot) for r, e in zip(runs, batch))
+               and cache.home(hi) + width <= cache.num_blocks)
     if at_home:
         # Every sequence is one run from its seat's home block: the seats lo..hi are one strided
         # view of the pool, as slots were (no copy). Cells read there beyond a sequence's own
@@ -177,7 +249,8 @@ def plan_attention(batch: list[SeqBatchEntry], cache: KVCache, device: torch.dev
         m[:, :e.past_len] = True
         m[:, e.past_len:e.past_len + e.n] = e.new_rows_mask()
     row_seq = torch.tensor([s for s, e in zip(position, batch) for _ in range(e.n)])
-    return AttentionPlan(row_block, row_off, row_seq, row_cell, True, n_max, l_max,
+    row_cell = torch.tensor([e.past_len + i for e in batch for i in range(e.n)])
+    return AttentionPlan(None, None, row_seq, row_cell, True, n_max, l_max,
                          torch.tensor(q_index, device=device), tables, mask.to(device), seats=seats, home=home,
                          home_stride=cache.home_stride)
 
@@ -206,6 +279,12 @@ def attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch
     sliding window's) in the same layout."""
     heads, hd = q.shape[1:]
     kv_heads = k_pool.shape[0]
+    if plan.parts is not None:
+        out = q.new_empty(q.shape[0], heads * hd)
+        for p, (rows, entries, part) in enumerate(plan.parts):
+            out[rows] = attention(q[rows], k_pool, v_pool, entries, part, None if masks is None else masks[p],
+                                  scale, softcap)
+        return out
     if masks is None:
         masks = plan.mask if plan.batched else plan.masks
     if plan.batched:
@@ -306,32 +385,38 @@ class LayerAttention:
         return attention(q, k_pool, v_pool, self.batch, plan, masks, scale, softcap)
 
     def _windowed(self, window: int):
-        """The plan's masks with keys at positions <= p - window hidden from a row at position p.
-        A past cell's position is its index; a new row's (a tree node's) is its own position."""
-        if window in self._window_masks:
-            return self._window_masks[window]
-        plan, positions = self.plan, self.positions.cpu()
-        if plan.batched:
-            seqs = plan.seats
-            qpos = torch.zeros(seqs * plan.n_max, dtype=torch.long)
-            qpos[plan.q_index.cpu()] = positions
-            kpos = torch.arange(plan.l_max).repeat(seqs, 1)  # [seqs, l_max]
-            kpos[plan.row_seq, plan.row_cell] = positions
-            near = kpos[:, None, None, :] > qpos.view(seqs, 1, plan.n_max, 1) - window
-            padding = torch.ones(seqs * plan.n_max, dtype=torch.bool)
-            padding[plan.q_index.cpu()] = False
-            near[:, 0, :, 0] |= padding.view(seqs, plan.n_max)  # they keep their one cell (see plan_attention)
-            masks = plan.mask & near.to(plan.mask.device)
-        else:
-            masks, start = [], 0
-            for e, m in zip(self.batch, plan.masks):
-                pos = positions[start:start + e.n]
-                kpos = torch.cat([torch.arange(e.past_len), pos])
-                near = (kpos[None, :] > pos[:, None] - window).to(plan.row_block.device)
-                masks.append(near if m is None else m & near)
-                start += e.n
-        self._window_masks[window] = masks
-        return masks
+        """The plan's masks for a sliding window (see `_windowed`), made once per forward."""
+        if window not in self._window_masks:
+            self._window_masks[window] = _windowed(self.plan, self.batch, self.positions.cpu(), window,
+                                                   self.cache.device)
+        return self._window_masks[window]
+
+
+def _windowed(plan: AttentionPlan, batch: list[SeqBatchEntry], positions: torch.Tensor, window: int,
+              device: torch.device):
+    """The plan's masks with keys at positions <= p - window hidden from a row at position p.
+    A past cell's position is its index; a new row's (a tree node's) is its own position."""
+    if plan.parts is not None:
+        return [_windowed(part, entries, positions[rows.cpu()], window, device) for rows, entries, part in plan.parts]
+    if plan.batched:
+        seqs = plan.seats
+        qpos = torch.zeros(seqs * plan.n_max, dtype=torch.long)
+        qpos[plan.q_index.cpu()] = positions
+        kpos = torch.arange(plan.l_max).repeat(seqs, 1)  # [seqs, l_max]
+        kpos[plan.row_seq, plan.row_cell] = positions
+        near = kpos[:, None, None, :] > qpos.view(seqs, 1, plan.n_max, 1) - window
+        padding = torch.ones(seqs * plan.n_max, dtype=torch.bool)
+        padding[plan.q_index.cpu()] = False
+        near[:, 0, :, 0] |= padding.view(seqs, plan.n_max)  # they keep their one cell (see plan_attention)
+        return plan.mask & near.to(device)
+    masks, start = [], 0
+    for e, m in zip(batch, plan.masks):
+        pos = positions[start:start + e.n]
+        kpos = torch.cat([torch.arange(e.past_len), pos])
+        near = (kpos[None, :] > pos[:, None] - window).to(device)
+        masks.append(near if m is None else m & near)
+        start += e.n
+    return masks
 
 
 class Rope:

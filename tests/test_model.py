@@ -130,13 +130,61 @@ def mixed_step(model, cache):
 @pytest.mark.parametrize("mode", ["batched", "per-sequence"])
 def test_attention_modes_equal_separate_forwards(tiny_loaded, mode):
     model = Model(tiny_loaded.hf_config, tiny_loaded.state, torch.device("cpu"), torch.float32)
-    reference = mixed_step(model, model.new_cache(4, 64))  # auto: per-sequence here (padding adds more than half the rows)
+    reference = mixed_step(model, model.new_cache(4, 64))  # auto: one batched call here (short contexts)
     model.attention_mode = mode
     calls = model.attention_calls
     out = mixed_step(model, model.new_cache(4, 64))
     assert torch.allclose(out, reference, atol=ATOL)
     # the step's forward: 1 call per layer batched, 1 per sequence otherwise (prefills: 1 each)
     assert model.attention_calls - calls == len(model.layers) * (3 + (1 if mode == "batched" else 3))
+
+
+def test_auto_attention_batches_neighbours_and_keeps_a_long_sequence_apart(tiny_loaded):
+    """On a CPU, auto reads a long sequence on its own and batches the short ones beside it (a
+    batched call reads every sequence padded to the longest); the rows equal separate forwards."""
+    from decoding.model import plan_attention
+
+    model = Model(tiny_loaded.hf_config, tiny_loaded.state, torch.device("cpu"), torch.float32)
+    prompts = {0: [5, 17, 3], 1: [11, 12, 13, 14], 3: [9, 41, 8, 60, 22] * 80}
+    alone = {}
+    for slot, p in prompts.items():
+        cache = model.new_cache(4, 512)
+        prefill(model, cache, slot, p)
+        alone[slot] = (model.forward(torch.tensor([44]), torch.tensor([len(p)]), [SeqBatchEntry(slot, len(p), 1, None)],
+                                   cache))
+    cache = model.new_cache(4, 512)
+    for slot, p in prompts.items():
+        prefill(model, cache, slot, p)
+    batch = [SeqBatchEntry(3, 400, 1, None), SeqBatchEntry(0, 3, 1, None), SeqBatchEntry(1, 4, 1, None)]
+    plan = plan_attention(batch, cache, torch.device("cpu"))
+    assert [[e.slot for e in entries] for _, entries, _ in plan.parts] == [[0, 1], [3]] and plan.calls == 2
+    assert [rows.tolist() for rows, _, _ in plan.parts] == [[1, 2], [0]]
+    calls = model.attention_calls
+    out = model.forward(torch.tensor([44] * 3), torch.tensor([400, 3, 4]), batch, cache)
+    assert model.attention_calls - calls == 2 * len(model.layers)
+    assert torch.allclose(out, torch.cat([alone[3], alone[0], alone[1]]), atol=ATOL)
+
+
+def test_segments_cut_by_cost():
+    """The CPU grouping: neighbouring seats of similar length in one call, a long sequence or one
+    away from its home on its own, seats far apart not padded across."""
+    from decoding.kv_cache import KVCache
+    from decoding.model import _segments
+
+    cache = KVCache(1, 8, 1, 1024, 4, torch.device("cpu"), torch.float32)
+    for slot, length in enumerate([100, 120, 90, 1000, 110, 100]):
+        cache.reserve(slot, length + 1)
+
+    def groups(lengths):
+        batch = [SeqBatchEntry(slot, n, 1, None) for slot, n in lengths.items()]
+        runs = [cache.runs(e.slot, e.past_len + 1) for e in batch]
+        return sorted(sorted(batch[i].slot for i in g) for g in _segments(batch, runs, cache))
+
+    assert groups({0: 100, 1: 120, 2: 90, 4: 110, 5: 100}) == [[0, 1, 2, 4, 5]]  # one idle seat: cheap padding
+    assert groups({0: 100, 1: 120, 2: 90, 3: 1000, 4: 110, 5: 100}) == [[0, 1, 2], [3], [4, 5]]
+    assert groups({0: 100, 5: 100}) == [[0], [5]]  # four seats between: more padding than a call
+    cache.tables[6] = [cache._take(cache.home(7) + 5)]  # seat 6 away from its home: read on its own
+    assert groups({4: 110, 5: 100, 6: 10}) == [[4, 5], [6]]
 
 
 def test_batched_attention_ignores_garbage_in_unused_cells(tiny_loaded):
@@ -177,7 +225,7 @@ def naive_attention(q, keys, values, allowed, scale, softcap):
     return torch.cat(out)
 
 
-@pytest.mark.parametrize("mode", ["batched", "per-sequence"])
+@pytest.mark.parametrize("mode", ["batched", "per-sequence", "auto"])
 @pytest.mark.parametrize("scale,window,softcap", [(None, None, None), (0.3, None, None), (None, 3, None),
                                                   (None, None, 2.0), (0.5, 4, 1.5)])
 def test_layer_attention_options_match_a_naive_reference(mode, scale, window, softcap):
@@ -212,8 +260,10 @@ def test_layer_attention_options_match_a_naive_reference(mode, scale, window, so
     n = sum(e.n for e in batch)
     q, k, v = torch.randn(n, heads, hd), torch.randn(n, kv_heads, hd), torch.randn(n, kv_heads, hd)
     plan = plan_attention(batch, cache, torch.device("cpu"), mode)
-    if not plan.batched:
+    if mode == "per-sequence":
         assert len(plan.runs[0]) == 2  # slot 2: the shared block, then its own elsewhere
+    if mode == "auto":  # slots 0 and 3 batched in place, slot 2 (in two runs) on its own
+        assert [[e.slot for e in entries] for _, entries, _ in plan.parts] == [[0, 3], [2]]
     positions = torch.tensor([6 + d for d in t.depths] + [3, 9])
     out = LayerAttention(cache, batch, plan, positions)(0, q, k, v, scale=scale, window=window,
                                                                   softcap=softcap)
