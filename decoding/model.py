@@ -118,9 +118,10 @@ class AttentionPlan:
 # What one attention call costs on a CPU, in units of one cached token read for one sequence
 # (its K and V for every KV head), from timings of the CPU flash kernel on a 2-core AVX2 EPYC:
 # time ~ 4 us + 0.115 us x sequences x keys x (1 + 0.26 x (query rows - 1)), plus ~30 us of
-# Python and small ops around each call. The kernel reads every key of the padded batch, masked
-# or not: a batch that pads many short sequences to one long one reads mostly padding.
-CALL_COST = 300.0
+# Python and small ops around each call and ~30 us more for each part of a split batch (its
+# rows gathered and scattered back). The kernel reads every key of the padded batch, masked or
+# not: a batch that pads many short sequences to one long one reads mostly padding.
+CALL_COST = 600.0
 ROW_COST = 0.26
 
 

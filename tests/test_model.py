@@ -172,7 +172,7 @@ def test_segments_cut_by_cost():
     from decoding.model import _segments
 
     cache = KVCache(1, 8, 1, 1024, 4, torch.device("cpu"), torch.float32)
-    for slot, length in enumerate([100, 120, 90, 1000, 110, 100]):
+    for slot, length in enumerate([300, 120, 90, 1000, 110, 300]):
         cache.reserve(slot, length + 1)
 
     def groups(lengths):
@@ -180,9 +180,9 @@ def test_segments_cut_by_cost():
         runs = [cache.runs(e.slot, e.past_len + 1) for e in batch]
         return sorted(sorted(batch[i].slot for i in g) for g in _segments(batch, runs, cache))
 
-    assert groups({0: 100, 1: 120, 2: 90, 4: 110, 5: 100}) == [[0, 1, 2, 4, 5]]  # one idle seat: cheap padding
-    assert groups({0: 100, 1: 120, 2: 90, 3: 1000, 4: 110, 5: 100}) == [[0, 1, 2], [3], [4, 5]]
-    assert groups({0: 100, 5: 100}) == [[0], [5]]  # four seats between: more padding than a call
+    assert groups({0: 300, 1: 120, 2: 90, 4: 110, 5: 300}) == [[0, 1, 2, 4, 5]]  # one idle seat: cheap padding
+    assert groups({0: 300, 1: 120, 2: 90, 3: 1000, 4: 110, 5: 300}) == [[0, 1, 2], [3], [4, 5]]
+    assert groups({0: 300, 5: 300}) == [[0], [5]]  # four seats between: more padding than a call
     cache.tables[6] = [cache._take(cache.home(7) + 5)]  # seat 6 away from its home: read on its own
     assert groups({4: 110, 5: 100, 6: 10}) == [[4, 5], [6]]
 
