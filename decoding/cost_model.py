@@ -9,6 +9,8 @@ all sequences in the batch compete in one ranking; the cut that maximises
 
 from __future__ import annotations
 
+import math
+
 from decoding.tree import DraftTree
 
 
@@ -80,25 +82,43 @@ class AcceptanceStats:
 
 
 class CostModel:
-    """Seconds per forward: a shape in tokens, calibrated once, plus what the traffic teaches.
+    """Seconds per forward, learned from the steps themselves; the start-up calibration is a prior.
 
-    The shape f(N) (N tokens of one sequence's tree) comes from start-up timings. What a
-    calibration cannot know is learned per batch size B from the steps themselves:
-    cost(N, B) = f(N) + o(B) + s(B) * (N - B).
-    o(B), the overhead of B sequences in one forward (attention per sequence, bookkeeping, context
-    drift), is fitted on plain steps, one token per sequence. s(B), a surcharge per draft token, is
-    fitted on the rest: in a batch, a sequence that verifies a tree instead of one token also pays
-    for its mask, a masked attention and the KV compaction, which one sequence's calibration does
-    not show (on 2 CPU cores, 4 sequences' draft tokens cost about 1.5x their calibrated price, so
-    trees that looked worth it were not). The shape itself is never updated piecemeal, so a size
-    observed often can never make its rarely observed neighbours look free.
+    cost(N, B) prices a forward of N tokens for B sequences, k = N - B of them draft tokens, as
+
+        cost(N, B) = plain(B) x (1 + slope(B) x (f(N) - f(B)) / f(B))
+
+    where f is the calibrated shape (one sequence's forward of N tokens, timed at start-up).
+    plain(B), what a step of one token per sequence costs, is learned from plain steps (probes and
+    steps that drafted nothing): the first measured replaces the calibration, later ones enter an
+    exponentially weighted average of log seconds (weight `alpha` on the newest). slope(B), how
+    draft tokens cost against their calibrated share of a plain step, is a decayed least-squares
+    fit on drafting steps (`decay` per step; a prior of 1 weighing one 4-token step). A batch size
+    not measured yet borrows the nearest measured one's. So a calibration wrong in scale (timed
+    while the machine was busy) is corrected by the first plain step, and one wrong in how fast
+    cost grows with the tree by drafting steps.
+
+    Bound: after the first plain step at B (the engine makes a batch size's first step a plain
+    one, see Engine.step), a slope off by up to 4x is within 10% after 8 drafting steps at B
+    (0.75^8 x 3 / (0.75^8 + 4 x (1 - 0.75^8)) < 0.1 x 4), noise aside; plain(B) follows a change of
+    the machine's speed within 8 plain steps (0.7^8 x ln 4 < ln 1.1), and the engine makes 8 of
+    its first 32 steps at a batch size plain, then one in PROBE_EVERY. A bigger forward never
+    costs less than a smaller one.
+
+    What the forward costs is only half of whether drafting pays: the realised loop (`settle`)
+    compares whole steps, drafting included, as they ran. Per batch size it keeps the tokens per
+    second of recent drafting steps against the plain steps', and where drafting delivered less,
+    it raises a back-off margin: a draft must then promise that much more than plain decoding to
+    be chosen. The back-off falls again where drafting delivers more, and decays on plain steps,
+    so drafting is tried again after a while.
     """
 
-    def __init__(self, calibration: dict[int, float], max_tokens: int, max_batch: int = 1, alpha: float = 0.1,
-                 decay: float = 0.95, margin: float = 0.0):
+    def __init__(self, calibration: dict[int, float], max_tokens: int, max_batch: int = 1, alpha: float = 0.3,
+                 decay: float = 0.75, margin: float = 0.0):
         if not calibration or 1 not in calibration:
             raise ValueError("calibration needs at least the 1-token forward")
         self.max_tokens = max_tokens
+        self.max_batch = max(1, max_batch)
         self.alpha = alpha
         self.decay = decay
         # A draft must promise this much more than plain decoding's tokens per second: gains
@@ -110,11 +130,25 @@ class CostModel:
             best = max(best, self._interpolate(points, n))  # a bigger forward never costs less
             shape.append(best)
         self._shape = shape
-        self._offset = [0.0] * (max_batch + 1)
-        self._seen = [False] * (max_batch + 1)
-        # surcharge per draft token: decayed sums of excess seconds and of draft tokens
-        self._excess = [0.0] * (max_batch + 1)
-        self._drafted = [0.0] * (max_batch + 1)
+        size = self.max_batch + 1
+        self._log_plain: list[float | None] = [None] * size  # learned log plain(B), None = not measured
+        self._plain_seen = [0] * size
+        self._sxy: list[float | None] = [None] * size  # slope fit: decayed sums of x * y, x * x
+        self._sxx = [0.0] * size
+        self._draft_seen = [0] * size
+        self._costs: dict[int, list[float]] = {}  # B -> cost(B + k, B) for k = 0.., running max
+        # the realised loop (settle): per batch size
+        self._plain_step = [0.0] * size  # seconds of a whole plain step (EWMA), 0 = none
+        self._draft_tokens = [0.0] * size  # decayed sums over recent drafting steps
+        self._draft_seconds = [0.0] * size
+        self._backoff = [0.0] * size
+
+    def _base(self, b: int) -> float:
+        return self._shape[min(b, self.max_tokens)]
+
+    def _x(self, n: int, b: int) -> float:
+        """Draft tokens' calibrated share of a plain step."""
+        return (self._shape[min(n, self.max_tokens)] - self._base(b)) / self._base(b)
 
     @staticmethod
     def _interpolate(points: list[tuple[int, float]], n: int) -> float:
@@ -131,44 +165,101 @@ class CostModel:
         slope = (t2 - t1) / (n2 - n1) if n2 != n1 else 0.0
         return t2 + slope * (n - n2)
 
-    def surcharge(self, batch: int = 1) -> float:
-        """Seconds per draft token beyond the calibrated shape, learned at this batch size."""
-        b = min(max(batch, 1), len(self._offset) - 1)
-        return self._excess[b] / self._drafted[b] if self._drafted[b] else 0.0
+    def _batch(self, batch: int) -> int:
+        return min(max(batch, 1), self.max_batch)
+
+    def _nearest(self, b: int, learned: list) -> int | None:
+        seen = [i for i in range(1, self.max_batch + 1) if learned[i] is not None]
+        return min(seen, key=lambda i: (abs(i - b), i)) if seen else None
+
+    def plain(self, batch: int = 1) -> float:
+        """Seconds of a plain step (one token per sequence) at this batch size."""
+        b = self._batch(batch)
+        near = self._nearest(b, self._log_plain)
+        if near is None:
+            return self._base(b)
+        # borrowed: the nearest batch size's measured/calibrated ratio
+        return math.exp(self._log_plain[near]) * self._base(b) / self._base(near)
+
+    def slope(self, batch: int = 1) -> float:
+        """Draft tokens' cost against their calibrated share of a plain step, at this batch size."""
+        near = self._nearest(self._batch(batch), self._sxy)
+        return 1.0 if near is None else max(self._sxy[near] / self._sxx[near], 0.0)
+
+    def measured(self, n_tokens: int, batch: int = 1) -> int:
+        """How many plain steps (n_tokens == batch) or drafting steps were measured at this batch size."""
+        b = self._batch(batch)
+        return self._plain_seen[b] if n_tokens <= b else self._draft_seen[b]
 
     def cost(self, n_tokens: int, batch: int = 1) -> float:
+        b = self._batch(batch)
+        n = min(max(n_tokens, b), self.max_tokens)
+        costs = self._costs.get(b)
+        if costs is None:
+            plain, slope = self.plain(b), self.slope(b)
+            costs = self._costs[b] = [plain]
+            for m in range(b + 1, self.max_tokens + 1):
+                costs.append(max(plain * (1 + slope * self._x(m, b)), costs[-1]))
+        return costs[n - b] if n - b < len(costs) else costs[-1]
+
+    def observe(self, n_tokens: int, seconds: float, batch: int = 1) -> None:
+        """One forward's seconds (the forward alone)."""
+        b = self._batch(batch)
         n = min(max(n_tokens, 1), self.max_tokens)
-        b = min(max(batch, 1), len(self._offset) - 1)
-        seconds = max(self._shape[n] + self._offset[b], 1e-6)
+        if seconds <= 0:
+            return
+        self._costs.clear()
         if n <= b:
-            return seconds
-        # Draft tokens may turn out cheaper than calibrated, but a tree never costs less than the
-        # plain step of its batch.
-        plain = self.cost(b, b)
-        return max(seconds + self.surcharge(b) * (n - b), plain)
+            y = math.log(seconds)
+            if self._log_plain[b] is None:
+                # the first at this size: replaces the calibration, or starts from the borrowed value
+                borrowed = self._nearest(b, self._log_plain) is not None
+                self._log_plain[b] = math.log(self.plain(b)) + self.alpha * (y - math.log(self.plain(b))) \
+                    if borrowed else y
+            else:
+                self._log_plain[b] += self.alpha * (y - self._log_plain[b])
+            self._plain_seen[b] += 1
+            return
+        x = self._x(n, b)
+        if x <= 0 or self._log_plain[b] is None:
+            return  # no plain step measured at this size yet: nothing to measure drafts against
+        if self._sxy[b] is None:  # start from the slope borrowed (or the prior of 1), weighing one 4-token step
+            w = self._x(b + 4, b)
+            self._sxx[b] = w * w
+            self._sxy[b] = self.slope(b) * self._sxx[b]
+        d = self.decay
+        self._sxy[b] = self._sxy[b] * d + x * (seconds / self.plain(b) - 1.0)
+        self._sxx[b] = self._sxx[b] * d + x * x
+        self._draft_seen[b] += 1
+
+    def settle(self, batch: int, tokens: int, seconds: float, drafted: bool) -> None:
+        """A whole step as it ran (drafting, forward, verification): tokens emitted over seconds."""
+        b = self._batch(batch)
+        if seconds <= 0:
+            return
+        if not drafted:
+            p = self._plain_step[b]
+            self._plain_step[b] = seconds if not p else p + 0.2 * (seconds - p)
+            self._backoff[b] *= BACKOFF_RELAX
+            return
+        self._draft_tokens[b] = self._draft_tokens[b] * DRAFT_DECAY + tokens
+        self._draft_seconds[b] = self._draft_seconds[b] * DRAFT_DECAY + seconds
+        plain = self._plain_step[b] or self.cost(b, b)
+        shortfall = (b / plain) / (self._draft_tokens[b] / self._draft_seconds[b]) - 1.0
+        self._backoff[b] = min(max(self._backoff[b] + BACKOFF_GAIN * shortfall, 0.0), MAX_BACKOFF)
+
+    def backoff(self, batch: int = 1) -> float:
+        """The realised loop's extra margin at this batch size (0: drafting delivers)."""
+        return self._backoff[self._batch(batch)]
+
+    def _hurdle(self, batch: int) -> float:
+        return 1.0 + self.margin + self.backoff(batch)
 
     def break_even(self, batch: int = 1, max_nodes: int = 16) -> float:
         """The least acceptance probability at which draft nodes could pay at this batch size: below
         it, k nodes accepted with that probability each never beat a plain step, whatever k."""
-        plain = self.cost(batch, batch) / (1.0 + self.margin)
+        plain = self.cost(batch, batch) / self._hurdle(batch)
         return min(batch * (self.cost(batch + k, batch) / plain - 1.0) / k for k in range(1, max_nodes + 1))
-
-    def observe(self, n_tokens: int, seconds: float, batch: int = 1) -> None:
-        b = min(max(batch, 1), len(self._offset) - 1)
-        n = min(max(n_tokens, 1), self.max_tokens)
-        if not self._seen[b]:  # start a new batch size from the nearest one seen
-            seen = [i for i, ok in enumerate(self._seen) if ok]
-            if seen:
-                near = min(seen, key=lambda i: abs(i - b))
-                self._offset[b] = self._offset[near]
-                self._excess[b], self._drafted[b] = self._excess[near], self._drafted[near]
-            self._seen[b] = True
-        if n <= b:  # a plain step: one token per sequence
-            self._offset[b] += self.alpha * (seconds - self._shape[n] - self._offset[b])
-            return
-        d = self.decay
-        self._excess[b] = self._excess[b] * d + (seconds - self._shape[n] - self._offset[b])
-        self._drafted[b] = self._drafted[b] * d + (n - b)
 
     def choose(self, probs: list[list[float]], limits: list[int]) -> list[int]:
         """How many draft nodes each sequence keeps.
@@ -179,7 +270,7 @@ class CostModel:
         base = len(probs)
         merged = sorted(((p, s) for s, ps in enumerate(probs) for p in ps[:limits[s]]), reverse=True)
         merged = merged[:self.max_tokens - base]
-        gain, best_k, best_rate = 0.0, 0, (1.0 + self.margin) * base / self.cost(base, base)
+        gain, best_k, best_rate = 0.0, 0, self._hurdle(base) * base / self.cost(base, base)
         for k, (p, _) in enumerate(merged, start=1):
             gain += p
             rate = (base + gain) / self.cost(base + k, base)
@@ -189,6 +280,16 @@ class CostModel:
         for _, s in merged[:best_k]:
             counts[s] += 1
         return counts
+
+
+# The realised loop (CostModel.settle): drafting steps' tokens per second are a decayed average
+# over about the last 1 / (1 - DRAFT_DECAY) drafting steps; each drafting step moves the back-off
+# by BACKOFF_GAIN x the shortfall against plain steps (a 2x shortfall adds 0.5 at once), and each
+# plain step keeps BACKOFF_RELAX of it (half-life ~23 plain steps).
+DRAFT_DECAY = 0.9
+BACKOFF_GAIN = 0.5
+BACKOFF_RELAX = 0.97
+MAX_BACKOFF = 2.0
 
 
 def ranked_nodes(tree: DraftTree, probs: list[float]) -> list[int]:

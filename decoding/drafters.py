@@ -82,16 +82,19 @@ class PldDrafter:
         match_len, _ = index.match(index.tokens[-self.max_ngram:] + [x0], self.max_ngram)
         return [f"pld:m{_bucket(match_len, MATCH_EDGES)}:1"] if match_len else []
 
-    def propose(self, index: SuffixIndex, x0: int, guesses: list[int], echoes: Sequence[Echo] = ()) -> DraftTree:
-        tree = DraftTree.root(x0)
-        context = index.tokens[-self.max_ngram:] + [x0]
-        match_len, start = index.match(context, self.max_ngram)
+    def add_chain(self, tree: DraftTree, index: SuffixIndex, x0: int) -> None:
+        """Hang PLD's chain under the root of `tree` (nodes already there keep their kinds)."""
+        match_len, start = index.match(index.tokens[-self.max_ngram:] + [x0], self.max_ngram)
         self.lookups["pld"][0] += 1
         if match_len:
             self.lookups["pld"][1] += 1
             chain = index.tokens[start:start + self.max_tokens]
             m = _bucket(match_len, MATCH_EDGES)
             tree.add_chain(0, chain, [f"pld:m{m}:{d}" for d in range(1, len(chain) + 1)])
+
+    def propose(self, index: SuffixIndex, x0: int, guesses: list[int], echoes: Sequence[Echo] = ()) -> DraftTree:
+        tree = DraftTree.root(x0)
+        self.add_chain(tree, index, x0)
         return tree
 
 
@@ -107,6 +110,9 @@ class LogitSpecDrafter:
     <= 32, else 1). Echoes (Engine._keep_echoes): in the previous step's tree, what the target
     predicted after a rejected node that held x0 or sat where x0 now sits, continued down that
     node's draft as far as the target agreed there; each is one more branch for what follows x0.
+    And PLD's chain (the earliest occurrence of the longest match of up to 3 tokens, which the
+    trie of the latest occurrences of the longest match may not hold), under PLD's own kinds: the
+    candidate tree always holds what `pld` would draft, ranked by the same statistics.
     """
 
     name = "logitspec"
@@ -120,8 +126,10 @@ class LogitSpecDrafter:
         self.max_match = max_match
         self.echoes = echoes
         self.search = search  # occurrences looked at to find the recent ones
+        self.pld = PldDrafter()
         self.lookups = {"next": [0, 0], "echo": [0, 0],
                         **{f"guess:r{r}": [0, 0] for r in range(len(RANK_EDGES) + 1)}}
+        self.lookups["pld"] = self.pld.lookups["pld"]
 
     @staticmethod
     def guess_length(rank: int) -> int:
@@ -148,7 +156,7 @@ class LogitSpecDrafter:
         if match_len:
             m = _bucket(match_len, MATCH_EDGES)
             kinds += [f"next:m{m}:s{s}:1" for s in range(len(SHARE_EDGES) + 1)]
-        return kinds
+        return kinds + self.pld.openings(index, x0)
 
     def propose(self, index: SuffixIndex, x0: int, guesses: list[int],
                 echoes: Sequence[Echo] = ()) -> DraftTree:
@@ -169,6 +177,7 @@ class LogitSpecDrafter:
                     passes[node] = passes.get(node, 0) + 1
             for node, n in passes.items():
                 tree.kinds[node] = f"next:m{m}:s{_bucket(n / len(recent), SHARE_EDGES)}:{tree.depths[node]}"
+        self.pld.add_chain(tree, index, x0)
         # Echoes and guesses share the context ctx + [x0]: walked once, then one step per token.
         after = context[-(self.max_match - 1):]
         echoes = [(tag, e) for tag, e in echoes if e][:2 * self.echoes]

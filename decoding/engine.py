@@ -40,6 +40,16 @@ CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Every PROBE_EVERY-th step drafts nothing: a plain step, timed as it runs among real traffic,
 # keeps the engine's figure for plain decoding honest (see Engine.plain_ratio).
 PROBE_EVERY = 32
+PROBE_EARLY = 4
+
+
+def is_probe(step: int, plain_measured: int) -> bool:
+    """Whether step number `step` is a probe: a plain step (nothing drafted) timed among real
+    traffic, for the cost model (see CostModel: its bound counts on these). A batch size's first
+    step, then every PROBE_EARLY-th while it has fewer than 8 plain steps measured, then every
+    PROBE_EVERY-th."""
+    return (plain_measured == 0 or step % PROBE_EVERY == 0
+            or (plain_measured < 8 and step % PROBE_EARLY == 0))
 
 logger = logging.getLogger("logitspec.engine")
 
@@ -99,6 +109,38 @@ class StepRecord:
     emitted: list[int]  # tokens emitted per sequence
     seconds: float  # wall time of the whole step
     ar_seconds: float | None  # a plain (one token per sequence) step: cost model x measured plain_ratio
+
+
+@dataclass(slots=True)
+class StepPlan:
+    """A step's schedule: the tree each sequence verifies."""
+
+    seqs: list[Sequence]  # the sequences stepped
+    live: list[Sequence]  # those with a tree (the others failed while drafting, or ran out of KV room)
+    trees: list[DraftTree]  # sized, their cells reserved
+    probe: bool  # roots alone, to time a plain step
+    started: float  # perf_counter at the step's start ...
+    drafted: float  # ... and when its trees were ready
+
+
+@dataclass(slots=True)
+class StepRun:
+    """A step's verification forward."""
+
+    verified: list[tuple[DraftTree, torch.Tensor | None]]  # per live sequence: its tree as verified, its logits rows
+    seconds: float  # the forward alone (tree masks excluded)
+    mask_seconds: float  # building the tree masks
+    clean: bool  # one forward for the whole batch (not split or retried)
+    attention_calls: int
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What a step produced: each sequence's new tokens (empty for one that failed: see its
+    `error`) and the record the server's metrics read."""
+
+    emitted: list[list[int]]
+    record: StepRecord
 
 
 @dataclass
@@ -165,7 +207,6 @@ class Engine:
         # step by 10-25% in a busy server; this ratio corrects the speedup baseline. None = not
         # measured yet.
         self.plain_ratio: float | None = None
-        self.last_step: StepRecord | None = None
         self.stop_ids = self._stop_ids()
         self.grammars = Grammars(self.tokenizer, self.model.config.vocab_size, self.stop_ids)
         # Working limits: start at the configuration, halved when a forward runs out of memory.
@@ -412,79 +453,102 @@ class Engine:
 
     # ---- one decoding step over a batch ----------------------------------------------------------------
 
-    def step(self, seqs: list[Sequence]) -> list[list[int]]:
-        """Draft, verify in one forward and emit for every running sequence; returns new tokens each.
+    def step(self, seqs: list[Sequence]) -> StepResult:
+        """One decoding step for every running sequence, in three stages that hand on what they
+        produce: schedule (draft and size each tree, reserve its cells), execute (one verification
+        forward) and postprocess (verify, emit, and teach the statistics and the cost model).
 
         A sequence that fails (see the module docstring) emits nothing and has `error` set."""
-        t0 = time.perf_counter()
+        plan = self._schedule(seqs)
+        run = self._execute(plan)
+        return self._postprocess(plan, run)
+
+    def _schedule(self, seqs: list[Sequence]) -> StepPlan:
+        """Each sequence's tree for this step: its drafter's proposal (skipped when not even its
+        likeliest first nodes could pay), pruned by its grammar, sized by the cost model and given
+        KV cells; a probe verifies roots alone."""
+        started = time.perf_counter()
         self._steps_run += 1
-        probe = self.cost is not None and self._steps_run % PROBE_EVERY == 0
-        trees: list[DraftTree | None] = []
+        probe = self.cost is not None and is_probe(self._steps_run, self.cost.measured(len(seqs), len(seqs)))
         # Below this acceptance estimate no draft node pays at this batch size (None: no sizing).
         floor = self.cost.break_even(len(seqs)) if self.cost is not None and not probe else None
+        live, trees = [], []
         for seq in seqs:
-            if probe:
-                trees.append(DraftTree.root(seq.root))
-                continue
-            # Acceptance runs in streaks (copying a list, a quote, a loop): a sequence whose last
-            # step accepted drafts is "hot", and its nodes are judged by hot statistics.
-            hot = bool(seq.step_sizes) and seq.step_sizes[-1] > 1
             try:
-                forced = self._forced(seq)
-                # A full proposal costs retrievals for every guess; when not even its likeliest
-                # first nodes could pay (large batches, text that does not repeat), skip it.
-                if floor is not None and all(self.stats.p("h." + k if hot else k) <= floor for k in
-                                             seq.drafter.openings(seq.index, seq.root, seq.echoes)
-                                             + (["forced:1"] if forced else [])):
-                    trees.append(DraftTree.root(seq.root))
-                    continue
-                tree = seq.drafter.propose(seq.index, seq.root, self._guesses(seq), seq.echoes)
-                if hot:
-                    tree.kinds = [k and "h." + k for k in tree.kinds]
-                if seq.constraint is not None:
-                    tree = self._constrain(seq, tree, forced)
+                tree = DraftTree.root(seq.root) if probe else self._draft(seq, floor)
             except Exception as e:
                 self._fault(seq, e)
-                trees.append(None)
                 continue
+            live.append(seq)
             trees.append(tree)
-        live = [s for s, t in zip(seqs, trees) if t is not None]
-        sized = [t for t in trees if t is not None]
         if live and not probe:
-            sized = self._size_trees(live, sized)
-        live, sized = self._reserve(live, sized)
-        t1 = time.perf_counter()
+            trees = self._size_trees(live, trees)
+        live, trees = self._reserve(live, trees)
+        return StepPlan(seqs, live, trees, probe, started, time.perf_counter())
+
+    def _draft(self, seq: Sequence, floor: float | None) -> DraftTree:
+        # Acceptance runs in streaks (copying a list, a quote, a loop): a sequence whose last step
+        # accepted drafts is "hot", and its nodes are judged by hot statistics.
+        hot = bool(seq.step_sizes) and seq.step_sizes[-1] > 1
+        forced = self._forced(seq)
+        # A full proposal costs retrievals for every guess; when not even its likeliest first
+        # nodes could pay (large batches, text that does not repeat), skip it.
+        if floor is not None and all(self.stats.p("h." + k if hot else k) <= floor for k in
+                                     seq.drafter.openings(seq.index, seq.root, seq.echoes)
+                                     + (["forced:1"] if forced else [])):
+            return DraftTree.root(seq.root)
+        tree = seq.drafter.propose(seq.index, seq.root, self._guesses(seq), seq.echoes)
+        if hot:
+            tree.kinds = [k and "h." + k for k in tree.kinds]
+        if seq.constraint is not None:
+            tree = self._constrain(seq, tree, forced)
+        return tree
+
+    def _execute(self, plan: StepPlan) -> StepRun:
+        """The verification forward (split, or retried one sequence at a time, when it must be)."""
         mask_before, forwards_before = self.times.mask, self._forwards
         calls_before = self.model.attention_calls
-        verified = self._forward_trees(live, sized)  # (tree as verified, its logits rows or None)
-        t3 = time.perf_counter()
-        self.times.attention_calls += self.model.attention_calls - calls_before
+        t0 = time.perf_counter()
+        verified = self._forward_trees(plan.live, plan.trees)
+        seconds = time.perf_counter() - t0 - (self.times.mask - mask_before)
+        return StepRun(verified, seconds, self.times.mask - mask_before, self._forwards == forwards_before + 1,
+                       self.model.attention_calls - calls_before)
+
+    def _postprocess(self, plan: StepPlan, run: StepRun) -> StepResult:
+        """Verify each tree against its logits and emit; then what the step teaches: acceptance
+        statistics (in _accept), the forward's cost and the step's realised speed."""
         emitted: dict[int, list[int]] = {}
-        for seq, (tree, rows) in zip(live, verified):
+        verify_started = time.perf_counter()
+        for seq, (tree, rows) in zip(plan.live, run.verified):
             if rows is None:
                 continue
             try:
                 emitted[id(seq)] = self._accept(seq, tree, rows)
             except Exception as e:
                 self._fault(seq, e)
-        t4 = time.perf_counter()
-        done = [(s, t) for s, (t, _) in zip(live, verified) if id(s) in emitted]
-        tokens = sum(len(t) for t, _ in verified)
+        ended = time.perf_counter()
+        seqs = plan.seqs
+        done = [(s, t) for s, (t, _) in zip(plan.live, run.verified) if id(s) in emitted]
+        tokens = sum(len(t) for t, _ in run.verified)
         plain_estimate = self.cost.cost(len(seqs), len(seqs)) if self.cost is not None else None
-        if self.cost is not None and self._forwards == forwards_before + 1 and len(done) == len(seqs):
-            if tokens == len(seqs):  # nothing drafted: a plain step, timed whole
-                ratio = (t4 - t0) / plain_estimate
+        if self.cost is not None and run.clean and len(done) == len(seqs):
+            drafted = tokens > len(seqs)
+            if not drafted:  # a plain step, timed whole
+                ratio = (ended - plan.started) / plain_estimate
                 self.plain_ratio = ratio if self.plain_ratio is None else 0.8 * self.plain_ratio + 0.2 * ratio
-            self.cost.observe(tokens, t4 - t1 - (self.times.mask - mask_before), len(seqs))  # one clean forward
+            # the forward alone (with the acceptance that follows it, as a step pays it)
+            self.cost.observe(tokens, ended - plan.drafted - run.mask_seconds, len(seqs))
+            self.cost.settle(len(seqs), sum(len(e) for e in emitted.values()), ended - plan.started, drafted)
         tm = self.times
-        tm.draft += t1 - t0
-        tm.forward += t3 - t1 - (tm.mask - mask_before)
-        tm.verify += t4 - t3
+        tm.draft += plan.drafted - plan.started
+        tm.forward += run.seconds
+        tm.verify += ended - verify_started
         tm.steps += 1
-        self.last_step = StepRecord(len(seqs), [len(t) for _, t in done], [s.last_accepted for s, _ in done],
-                                    [len(emitted[id(s)]) for s, _ in done], t4 - t0,
-                                    None if plain_estimate is None else plain_estimate * (self.plain_ratio or 1.0))
-        return [emitted.get(id(s), []) for s in seqs]
+        tm.attention_calls += run.attention_calls
+        record = StepRecord(len(seqs), [len(t) for _, t in done], [s.last_accepted for s, _ in done],
+                            [len(emitted[id(s)]) for s, _ in done], ended - plan.started,
+                            None if plain_estimate is None else plain_estimate * (self.plain_ratio or 1.0))
+        return StepResult([emitted.get(id(s), []) for s in seqs], record)
 
     def _reserve(self, seqs: list[Sequence], trees: list[DraftTree]) -> tuple[list[Sequence], list[DraftTree]]:
         """KV blocks for every tree's cells. When the pool (--kv-memory) runs short, a tree is cut

@@ -255,9 +255,9 @@ class Scheduler:
         running = [r for r in self._running if not r.cancelled]
         if not running:
             return
-        emitted = self.engine.step([r.seq for r in running])
+        result = self.engine.step([r.seq for r in running])
+        emitted, record = result.emitted, result.record
         self.steps += 1
-        record = self.engine.last_step
         self.drafts += sum(size > 1 for size in record.tree_sizes)
         now = time.monotonic()
         if self.metrics is not None:

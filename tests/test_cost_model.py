@@ -38,26 +38,91 @@ def test_choose_respects_limits():
     assert flat_then_steep().choose([[0.9] * 10], [3]) == [3]
 
 
-def test_plain_steps_move_the_offset():
-    c = CostModel({1: 1.0, 16: 1.0}, max_tokens=16, alpha=0.5)
-    c.observe(1, 3.0)
-    assert c.cost(1) == pytest.approx(2.0)
-    assert c.cost(16) == pytest.approx(2.0)  # the offset shifts every size alike
+def test_a_plain_step_corrects_every_size_at_once():
+    """A calibration 4x off in scale (timed while the machine was busy): the first plain step
+    measured brings every size right; later ones move it by alpha."""
+    truth = {1: 0.09, 4: 0.11, 16: 0.16, 64: 0.32}
+    c = CostModel({n: 4 * t for n, t in truth.items()}, max_tokens=64)
+    c.observe(1, truth[1])
+    for n, t in truth.items():
+        assert c.cost(n) == pytest.approx(t)
+    for _ in range(8):  # the machine gets 4x slower: within 10% after 8 plain steps
+        c.observe(1, 4 * truth[1])
+    assert c.cost(16) == pytest.approx(4 * truth[16], rel=0.1)
+    assert c.measured(1) == 9 and c.measured(16) == 0
 
 
-def test_tree_steps_teach_a_surcharge_per_draft_token():
-    c = CostModel({1: 1.0, 4: 1.0, 8: 1.0, 16: 1.0}, max_tokens=16, max_batch=4, decay=1.0)
+def test_drafting_steps_fit_the_slope_per_batch_size():
+    c = CostModel({1: 1.0, 4: 1.0, 5: 1.1, 8: 1.4, 16: 2.2}, max_tokens=16, max_batch=4)
+    c.observe(8, 3.0, batch=4)  # no plain step measured at 4 yet: nothing to measure drafts against
+    assert c.measured(8, 4) == 0 and c.slope(4) == 1.0
     c.observe(4, 1.0, batch=4)  # plain: as calibrated
-    c.observe(8, 1.4, batch=4)  # 4 draft tokens cost 0.4 more than calibrated
-    c.observe(6, 1.2, batch=4)  # 2 draft tokens 0.2 more
-    assert c.surcharge(4) == pytest.approx(0.1)
-    assert c.cost(4, 4) == pytest.approx(1.0)
-    assert c.cost(12, 4) == pytest.approx(1.8)
-    assert c.cost(2, 1) == pytest.approx(1.0)  # another batch size learns its own
-    # drafts that looked free are now judged at their real price: p = 0.05 per node never pays 0.1 s
-    assert c.choose([[0.05] * 8] * 4, [8] * 4) == [0] * 4
-    c.observe(8, 0.2, batch=4)  # cheaper than calibrated ...
-    assert c.cost(16, 4) >= c.cost(4, 4)  # ... but never cheaper than the plain step
+    for _ in range(8):
+        c.observe(8, 1.8, batch=4)  # 4 draft tokens cost 0.8, twice their calibrated 0.4
+    assert c.slope(4) == pytest.approx(2.0, rel=0.1)
+    assert c.cost(8, 4) == pytest.approx(1.8, rel=0.05)
+    assert c.cost(16, 4) == pytest.approx(1.0 + 2 * 1.2, rel=0.1)  # the shape, twice as steep
+    assert c.cost(2, 1) == pytest.approx(1.0) and c.slope(1) == c.slope(4)  # another batch size borrows ...
+    c.observe(1, 2.0, batch=1)
+    assert c.cost(1, 1) == pytest.approx(2.0 ** 0.3)  # ... 4's plain ratio (1.0), and starts from it (alpha 0.3)
+    # drafts are judged at their real price: p = 0.1 per node never pays 0.2 s
+    assert c.choose([[0.1] * 4] * 4, [4] * 4) == [0] * 4
+    for _ in range(20):
+        c.observe(16, 0.5, batch=4)  # cheaper than calibrated ...
+    assert c.cost(16, 4) >= c.cost(8, 4) >= c.cost(4, 4)  # ... but a bigger forward never costs less
+
+
+def test_realised_loop_backs_off_when_drafting_delivers_less():
+    """Forward costs as predicted, but drafting steps deliver fewer tokens per second than plain
+    ones (overheads the forward does not show): the back-off rises until nothing marginal is
+    drafted, and falls again on plain steps."""
+    c = CostModel({1: 1.0, 2: 1.1, 64: 7.3}, max_tokens=64)
+    assert c.choose([[0.3]], [1]) == [1]  # 1.3 / 1.1: +18% predicted
+    c.settle(1, 1, 1.0, drafted=False)  # plain: 1 token per second
+    for _ in range(3):
+        c.settle(1, 1, 1.2, drafted=True)  # drafting: 0.83 tokens per second
+    assert c.backoff() > 0.2
+    assert c.choose([[0.3]], [1]) == [0]
+    for _ in range(100):
+        c.settle(1, 1, 1.0, drafted=False)
+    assert c.backoff() < 0.02 and c.choose([[0.3]], [1]) == [1]
+    for _ in range(20):
+        c.settle(1, 3, 1.5, drafted=True)  # drafting pays: 2 tokens per second
+    assert c.backoff() == 0.0
+
+
+@pytest.mark.parametrize("calibration", ["4x scale", "4x flat shape", "4x steep shape"])
+def test_choices_converge_under_a_fake_clock(calibration):
+    """The engine's loop in miniature with a fake clock: each step chooses a tree size from a
+    fixed acceptance profile, and the clock charges the true forward cost of that size (probes
+    as Engine.step schedules them). Whatever the calibration got wrong (4x in scale, or draft
+    tokens 4x too cheap or too dear), the choices equal those of a model calibrated on the truth
+    from the 12th step on (the stated bound: the first plain step, then 8 drafting steps)."""
+    from decoding.engine import is_probe
+
+    def true_cost(n):  # seconds: each token a tenth of a plain step
+        return 0.1 + 0.01 * (n - 1)
+
+    calibrated = {"4x scale": lambda n: 4 * true_cost(n), "4x flat shape": lambda n: 0.1 + 0.0025 * (n - 1),
+                  "4x steep shape": lambda n: 0.1 + 0.04 * (n - 1)}[calibration]
+    sizes = (1, 2, 4, 8, 16, 32, 64)
+    truth = CostModel({n: true_cost(n) for n in sizes}, max_tokens=64)
+    c = CostModel({n: calibrated(n) for n in sizes}, max_tokens=64)
+    profile = [[0.95, 0.9, 0.8, 0.6, 0.4, 0.25, 0.15, 0.08, 0.04, 0.02] + [0.01] * 20]
+    right = truth.choose(profile, [63])[0]
+    start = c.choose(profile, [63])[0]
+    drafted = []
+    for step in range(1, 201):
+        probe = is_probe(step, c.measured(1))
+        k = 0 if probe else c.choose(profile, [63])[0]
+        c.observe(1 + k, true_cost(1 + k))
+        if not probe:
+            drafted.append((step, k))
+    assert (start != right) == (calibration != "4x scale")  # a pure scale error changes no choice
+    assert {k for step, k in drafted if step >= 12} == {right}
+    assert sum(1 for step, _ in drafted if step <= 32) == 23  # probes: the first step, every 4th to 8, the 32nd
+    for n in (1, right + 1, 64):
+        assert c.cost(n) == pytest.approx(true_cost(n), rel=0.1)
 
 
 def test_acceptance_stats_prior_and_updates():
@@ -80,16 +145,6 @@ def test_child_estimate_capped_by_parent_and_ranking():
     ps = s.node_probs(t)
     assert ps[2] == ps[1] < ps[3]
     assert ranked_nodes(t, ps) == [3, 1, 2]
-
-
-def test_batch_offset_shifts_all_sizes_alike():
-    c = CostModel({1: 1.0, 16: 1.5, 32: 3.0}, max_tokens=64, max_batch=16, alpha=1.0)
-    c.observe(16, 2.5, batch=16)  # 16 sequences cost 1.0 more than one 16-token tree
-    assert c.cost(16, 16) == pytest.approx(2.5)
-    assert c.cost(32, 16) == pytest.approx(4.0)  # the extra tokens keep their calibrated price
-    assert c.cost(16, 1) == pytest.approx(1.5)  # a single sequence is unaffected
-    # so with 16 sequences a candidate is judged by its marginal cost, not by a stale neighbour
-    assert c.choose([[0.05]] * 16, [63] * 16) == [0] * 16
 
 
 def test_break_even_probability():

@@ -104,9 +104,13 @@ def test_config_validation():
     ({1: 1.0, 64: 64.0}, False),  # every token costs a whole step: no draft can pay, so none is built
     ({1: 1.0, 64: 1.0}, True),  # tokens are free: every step builds its full proposal
 ])
-def test_proposals_skipped_when_no_node_could_pay(tiny_loaded, calibration, proposes):
+def test_proposals_skipped_when_no_node_could_pay(tiny_loaded, calibration, proposes, monkeypatch):
+    import decoding.engine as engine_module
     from decoding.cost_model import CostModel
 
+    probes = []
+    is_probe = engine_module.is_probe
+    monkeypatch.setattr(engine_module, "is_probe", lambda *a: probes.append(is_probe(*a)) or probes[-1])
     engine = Engine(EngineConfig(method="logitspec", max_context=256, adaptive=False), loaded=tiny_loaded)
     engine.cost = CostModel(calibration, max_tokens=64)
     calls = []
@@ -119,8 +123,8 @@ def test_proposals_skipped_when_no_node_could_pay(tiny_loaded, calibration, prop
         engine.step([seq])
         steps += 1
     engine.stop_sequence(seq)
-    probes = steps // 32
-    assert len(calls) == (steps - probes if proposes else 0)
+    assert len(probes) == steps and 0 < sum(probes) < steps
+    assert len(calls) == (steps - sum(probes) if proposes else 0)
     assert seq.output == engine.generate(prompt, SamplingParams(), 12).output
 
 
