@@ -25,7 +25,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from decoding.config import EngineConfig  # noqa: E402
 from decoding.engine import Engine  # noqa: E402
 from decoding.model import SeqBatchEntry  # noqa: E402
-from decoding.tree import DraftTree  # noqa: E402
+from decoding.tree import DraftTree, NodeKind  # noqa: E402
+
+DRAFT = NodeKind("draft", (), 1)
 
 
 def chain_tree(n: int) -> DraftTree:
@@ -33,7 +35,7 @@ def chain_tree(n: int) -> DraftTree:
     t = DraftTree.root(100)
     parent = 0
     for i in range(1, n):
-        parent = t.add(parent if i % 3 else 0, 100 + i, "x")
+        parent = t.add(parent if i % 3 else 0, 100 + i, DRAFT)
     return t
 
 

@@ -93,7 +93,7 @@ def replay_turn(drafter, stats: AcceptanceStats, turn: dict, capacity: int) -> t
         x0 = answer[i]
         tree = drafter.propose(index, x0, top[i][:drafter.guesses + 1] if drafter.guesses else [])
         if hot:
-            tree.kinds = [k and "h." + k for k in tree.kinds]
+            tree.kinds = [k and k.heated() for k in tree.kinds]
         if len(tree) > capacity:
             order = ranked_nodes(tree, stats.node_probs(tree))
             tree = tree.subtree([0] + order[:capacity - 1])

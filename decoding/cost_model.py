@@ -11,46 +11,36 @@ from __future__ import annotations
 
 import math
 
-from decoding.tree import DraftTree
+from decoding.tree import DraftTree, NodeKind
 
 
 class AcceptanceStats:
     """Decayed accept/offer counts per node kind, shrunk towards coarser kinds while data is thin.
 
-    A kind reads "family:detail...:depth" (e.g. "next:m2:s3:3"). Its estimate is pulled towards its
-    coarse kind (see coarse), whose estimate is pulled towards `prior`, so a rare kind starts
-    from what its family has shown instead of from an arbitrary constant.
+    A kind (decoding.tree.NodeKind) is a branch, details and a depth (e.g. next m2 s3 at depth 3).
+    Its estimate is pulled towards its coarse kind (NodeKind.coarse), whose estimate is pulled
+    towards `prior`, so a rare kind starts from what its family has shown instead of from an
+    arbitrary constant.
     """
 
     def __init__(self, prior: float = 0.2, prior_weight: float = 4.0, decay: float = 0.998):
         self.prior = prior
         self.prior_weight = prior_weight
         self.decay = decay
-        self.kinds: dict[str, list[float]] = {}  # kind (fine or coarse) -> [offered, accepted], decayed
+        self.kinds: dict[NodeKind, list[float]] = {}  # kind (fine or coarse) -> [offered, accepted], decayed
         self.by_position: dict[int, list[int]] = {}  # depth -> [offered, accepted], exact totals
-        self._cache: dict[str, float] = {}
+        self._cache: dict[NodeKind, float] = {}
 
-    @staticmethod
-    def coarse(kind: str) -> str:
-        """The kind without its finer details: "next:m2:s3:5" -> "next:m2:5", "pld:m2:5" ->
-        "pld:5". The first detail stays, so that a failing sub-family (retrievals after a 1-token
-        match) does not drag down untried siblings (the same after a long match) below what they
-        would need to be proposed at all: a kind that is never proposed never gets corrected."""
-        parts = kind.split(":")
-        if len(parts) > 3:
-            return f"{parts[0]}:{parts[1]}:{parts[-1]}"
-        return f"{parts[0]}:{parts[-1]}" if len(parts) > 2 else kind
-
-    def _shrunk(self, kind: str, toward: float) -> float:
+    def _shrunk(self, kind: NodeKind, toward: float) -> float:
         s = self.kinds.get(kind)
         if s is None:
             return toward
         return (s[1] + toward * self.prior_weight) / (s[0] + self.prior_weight)
 
-    def p(self, kind: str) -> float:
+    def p(self, kind: NodeKind) -> float:
         p = self._cache.get(kind)
         if p is None:
-            coarse = self.coarse(kind)
+            coarse = kind.coarse()
             p = self._shrunk(coarse, self.prior)
             if coarse != kind:
                 p = self._shrunk(kind, p)
@@ -71,7 +61,7 @@ class AcceptanceStats:
         for i in range(1, len(tree)):
             ok = i in hit
             kind = tree.kinds[i]
-            coarse = self.coarse(kind)
+            coarse = kind.coarse()
             for key in (kind, coarse) if coarse != kind else (kind,):
                 s = self.kinds.setdefault(key, [0.0, 0.0])
                 s[0] = s[0] * d + 1.0

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
-from decoding.tree import DraftTree
+from decoding.tree import DraftTree, NodeKind
 from retrieval.suffix_index import SuffixIndex
 
 
@@ -41,7 +41,7 @@ class Drafter(Protocol):
         """A candidate tree rooted at x0, the decided next token (not yet in `index`)."""
         ...
 
-    def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[str]:
+    def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[NodeKind]:
         """Kinds of the depth-1 nodes that propose() could return, found cheaply: no node deeper in
         the tree is likelier than its depth-1 ancestor, so if none of these can pay, nothing can."""
         ...
@@ -61,7 +61,7 @@ class ArDrafter:
     def propose(self, index: SuffixIndex, x0: int, guesses: list[int], echoes: Sequence[Echo] = ()) -> DraftTree:
         return DraftTree.root(x0)
 
-    def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[str]:
+    def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[NodeKind]:
         return []
 
 
@@ -78,9 +78,9 @@ class PldDrafter:
         self.max_tokens = max_tokens
         self.lookups = {"pld": [0, 0]}
 
-    def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[str]:
+    def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[NodeKind]:
         match_len, _ = index.match(index.tokens[-self.max_ngram:] + [x0], self.max_ngram)
-        return [f"pld:m{_bucket(match_len, MATCH_EDGES)}:1"] if match_len else []
+        return [NodeKind("pld", (f"m{_bucket(match_len, MATCH_EDGES)}",), 1)] if match_len else []
 
     def add_chain(self, tree: DraftTree, index: SuffixIndex, x0: int) -> None:
         """Hang PLD's chain under the root of `tree` (nodes already there keep their kinds)."""
@@ -90,7 +90,7 @@ class PldDrafter:
             self.lookups["pld"][1] += 1
             chain = index.tokens[start:start + self.max_tokens]
             m = _bucket(match_len, MATCH_EDGES)
-            tree.add_chain(0, chain, [f"pld:m{m}:{d}" for d in range(1, len(chain) + 1)])
+            tree.add_chain(0, chain, [NodeKind("pld", (f"m{m}",), d) for d in range(1, len(chain) + 1)])
 
     def propose(self, index: SuffixIndex, x0: int, guesses: list[int], echoes: Sequence[Echo] = ()) -> DraftTree:
         tree = DraftTree.root(x0)
@@ -136,26 +136,26 @@ class LogitSpecDrafter:
         return 4 if rank <= 8 else 3 if rank <= 32 else 1
 
     @staticmethod
-    def _echo_kind(tag: str, rank: int) -> str:
-        return f"echo:{tag}{min(rank, 2)}"
+    def _echo_detail(tag: str, rank: int) -> str:
+        return f"{tag}{min(rank, 2)}"
 
     @staticmethod
     def _add_retrieved(tree: DraftTree, node: int, tokens: list[int], start: int, length: int,
-                       match_len: int, kind: str) -> None:
+                       match_len: int, family: str, detail: str) -> None:
         """Hang `length` tokens of what followed a retrieval (text from `start`) under the depth-1
         node of a next-next candidate (a guess or an echo)."""
         chain = tokens[start:start + length]
         m = min(_bucket(match_len, MATCH_EDGES), 2)
-        tree.add_chain(node, chain, [f"{kind}:m{m}:{d}" for d in range(2, len(chain) + 2)])
+        tree.add_chain(node, chain, [NodeKind(family, (detail, f"m{m}"), d) for d in range(2, len(chain) + 2)])
 
-    def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[str]:
-        kinds = [f"guess:r{_bucket(1, RANK_EDGES)}:1"] if self.guesses else []
-        kinds += [f"{self._echo_kind(tag, rank)}:1" for tag in "ts"
+    def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[NodeKind]:
+        kinds = [NodeKind("guess", (f"r{_bucket(1, RANK_EDGES)}",), 1)] if self.guesses else []
+        kinds += [NodeKind("echo", (self._echo_detail(tag, rank),), 1) for tag in "ts"
                   for rank in range(min(3, sum(t == tag for t, _ in echoes)))]
         match_len, _ = index.match(index.tokens[-(self.max_match - 1):] + [x0], self.max_match)
         if match_len:
             m = _bucket(match_len, MATCH_EDGES)
-            kinds += [f"next:m{m}:s{s}:1" for s in range(len(SHARE_EDGES) + 1)]
+            kinds += [NodeKind("next", (f"m{m}", f"s{s}"), 1) for s in range(len(SHARE_EDGES) + 1)]
         return kinds + self.pld.openings(index, x0)
 
     def propose(self, index: SuffixIndex, x0: int, guesses: list[int],
@@ -173,10 +173,10 @@ class LogitSpecDrafter:
             for b, end in enumerate(recent):
                 node = 0
                 for t in tokens[end + 1:end + 1 + (self.next_tokens if b == 0 else self.next_tokens // 2)]:
-                    node = tree.add(node, t, "")
+                    node = tree.add(node, t, None)
                     passes[node] = passes.get(node, 0) + 1
             for node, n in passes.items():
-                tree.kinds[node] = f"next:m{m}:s{_bucket(n / len(recent), SHARE_EDGES)}:{tree.depths[node]}"
+                tree.kinds[node] = NodeKind("next", (f"m{m}", f"s{_bucket(n / len(recent), SHARE_EDGES)}"), tree.depths[node])
         self.pld.add_chain(tree, index, x0)
         # Echoes and guesses share the context ctx + [x0]: walked once, then one step per token.
         after = context[-(self.max_match - 1):]
@@ -184,23 +184,24 @@ class LogitSpecDrafter:
         firsts = [e[0] for _, e in echoes]
         rank = {"t": 0, "s": 0}
         for (tag, echo), (match_len, start) in zip(echoes, index.match_after(after, firsts, self.max_match)):
-            kind = self._echo_kind(tag, rank[tag])
+            detail = self._echo_detail(tag, rank[tag])
             rank[tag] += 1
-            tree.add_chain(0, echo, [f"{kind}:{d}" if d == 1 else f"{kind}:w:{d}" for d in range(1, len(echo) + 1)])
+            tree.add_chain(0, echo, [NodeKind("echo", (detail,) if d == 1 else (detail, "w"), d)
+                                     for d in range(1, len(echo) + 1)])
             self.lookups["echo"][0] += 1
             if match_len and len(echo) == 1:  # a lone prediction goes on with what followed it before
                 self.lookups["echo"][1] += 1
-                self._add_retrieved(tree, tree.children(0)[echo[0]], tokens, start, 4, match_len, kind)
+                self._add_retrieved(tree, tree.children(0)[echo[0]], tokens, start, 4, match_len, "echo", detail)
         guesses = [t for t in guesses if t != x0]
         for rank, (t, (match_len, start)) in enumerate(
                 zip(guesses, index.match_after(after, guesses, self.max_match)), 1):
             r = _bucket(rank, RANK_EDGES)
-            node = tree.add(0, t, f"guess:r{r}:1")
+            node = tree.add(0, t, NodeKind("guess", (f"r{r}",), 1))
             counter = self.lookups[f"guess:r{r}"]
             counter[0] += 1
             if match_len:
                 counter[1] += 1
-                self._add_retrieved(tree, node, tokens, start, self.guess_length(rank), match_len, f"guess:r{r}")
+                self._add_retrieved(tree, node, tokens, start, self.guess_length(rank), match_len, "guess", f"r{r}")
         return tree
 
 

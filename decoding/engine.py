@@ -31,7 +31,7 @@ from decoding.grammar import Constraint, Grammars
 from decoding.loader import LoadedModel, load, log
 from decoding.families import build_model
 from decoding.model import Runner, SeqBatchEntry
-from decoding.tree import DraftTree
+from decoding.tree import DraftTree, NodeKind
 from decoding.verify import (SamplingParams, coupled_sample, make_generator, processed_probs, sample, verify_coupled,
                              verify_greedy, verify_sampling)
 from retrieval.suffix_index import SuffixIndex
@@ -493,13 +493,13 @@ class Engine:
         forced = self._forced(seq)
         # A full proposal costs retrievals for every guess; when not even its likeliest first
         # nodes could pay (large batches, text that does not repeat), skip it.
-        if floor is not None and all(self.stats.p("h." + k if hot else k) <= floor for k in
+        if floor is not None and all(self.stats.p(k.heated() if hot else k) <= floor for k in
                                      seq.drafter.openings(seq.index, seq.root, seq.echoes)
-                                     + (["forced:1"] if forced else [])):
+                                     + ([NodeKind("forced", (), 1)] if forced else [])):
             return DraftTree.root(seq.root)
         tree = seq.drafter.propose(seq.index, seq.root, self._guesses(seq), seq.echoes)
         if hot:
-            tree.kinds = [k and "h." + k for k in tree.kinds]
+            tree.kinds = [k and k.heated() for k in tree.kinds]
         if seq.constraint is not None:
             tree = self._constrain(seq, tree, forced)
         return tree
@@ -594,7 +594,7 @@ class Engine:
         t0 = time.perf_counter()
         try:
             tree = seq.constraint.prune(tree) if len(tree) > 1 else tree
-            tree.add_chain(0, forced, [f"forced:{d}" for d in range(1, len(forced) + 1)])
+            tree.add_chain(0, forced, [NodeKind("forced", (), d) for d in range(1, len(forced) + 1)])
             return tree
         finally:
             self.times.grammar += time.perf_counter() - t0

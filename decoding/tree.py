@@ -8,21 +8,49 @@ Node 0 is the root (the next token, already decided); every other node's parent 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
+
+
+class NodeKind(NamedTuple):
+    """What a draft node is, for the acceptance statistics (decoding/cost_model.py): the branch
+    that proposed it, the details that predict its acceptance (coarsest first: a retrieval's
+    match-length bucket, a guess's rank bucket, ...), its depth, and whether its sequence accepted
+    drafts in its last step (hot: acceptance runs in streaks)."""
+
+    family: str  # "next", "guess", "echo", "pld", "forced"
+    details: tuple[str, ...]
+    depth: int
+    hot: bool = False
+
+    def coarse(self) -> "NodeKind":
+        """The kind without its finer details: the first detail stays when there are several
+        (next m2 s3 -> next m2), a lone detail goes (pld m2 -> pld), so that a failing sub-family
+        (retrievals after a 1-token match) does not drag down untried siblings (the same after a
+        long match) below what they would need to be proposed at all."""
+        if len(self.details) > 1:
+            return self._replace(details=self.details[:1])
+        return self._replace(details=()) if self.details else self
+
+    def heated(self) -> "NodeKind":
+        return self._replace(hot=True)
+
+    def __str__(self) -> str:
+        return ("h." if self.hot else "") + ":".join((self.family, *self.details, str(self.depth)))
 
 
 @dataclass(slots=True)
 class DraftTree:
     tokens: list[int]
     parents: list[int]
-    kinds: list[str]  # acceptance-statistics key of each node ("" for the root)
+    kinds: list[NodeKind | None]  # acceptance-statistics key of each node (None for the root)
     depths: list[int] = field(default_factory=list)
     _children: list[dict[int, int]] = field(default_factory=list)
 
     @classmethod
     def root(cls, token: int) -> "DraftTree":
-        return cls([token], [-1], [""], [0], [{}])
+        return cls([token], [-1], [None], [0], [{}])
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -31,7 +59,7 @@ class DraftTree:
         """token -> child node index, in insertion order."""
         return self._children[node]
 
-    def add(self, parent: int, token: int, kind: str) -> int:
+    def add(self, parent: int, token: int, kind: NodeKind | None) -> int:
         """Add `token` under `parent` unless that child exists; return the child's index."""
         existing = self._children[parent].get(token)
         if existing is not None:
@@ -45,7 +73,7 @@ class DraftTree:
         self._children[parent][token] = idx
         return idx
 
-    def add_chain(self, parent: int, tokens: list[int], kinds: list[str]) -> None:
+    def add_chain(self, parent: int, tokens: list[int], kinds: list[NodeKind]) -> None:
         for token, kind in zip(tokens, kinds):
             parent = self.add(parent, token, kind)
 

@@ -1,7 +1,7 @@
 import pytest
 
 from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes
-from decoding.tree import DraftTree
+from decoding.tree import DraftTree, NodeKind
 
 
 def flat_then_steep():
@@ -127,21 +127,23 @@ def test_choices_converge_under_a_fake_clock(calibration):
 
 def test_acceptance_stats_prior_and_updates():
     s = AcceptanceStats(prior=0.5, prior_weight=2.0, decay=1.0)
+    k1, k2 = NodeKind("a", (), 1), NodeKind("a", (), 2)
     t = DraftTree.root(1)
-    t.add_chain(0, [2, 3], ["k1", "k2"])
+    t.add_chain(0, [2, 3], [k1, k2])
     assert s.node_probs(t) == [1.0, 0.5, 0.5]
     s.record(t, [0, 1])  # node 1 accepted, node 2 rejected
-    assert s.p("k1") == pytest.approx((1 + 1) / (1 + 2))
-    assert s.p("k2") == pytest.approx((0 + 1) / (1 + 2))
+    assert s.p(k1) == pytest.approx((1 + 1) / (1 + 2))
+    assert s.p(k2) == pytest.approx((0 + 1) / (1 + 2))
     assert s.by_position == {1: [1, 1], 2: [1, 0]}
 
 
 def test_child_estimate_capped_by_parent_and_ranking():
     s = AcceptanceStats(decay=1.0)
-    s.kinds = {"low": [100.0, 10.0], "high": [100.0, 90.0]}
+    low, high = NodeKind("low", (), 1), NodeKind("high", (), 1)
+    s.kinds = {low: [100.0, 10.0], high: [100.0, 90.0]}
     t = DraftTree.root(1)
-    t.add_chain(0, [2, 3], ["low", "high"])
-    t.add(0, 4, "high")
+    t.add_chain(0, [2, 3], [low, high])
+    t.add(0, 4, high)
     ps = s.node_probs(t)
     assert ps[2] == ps[1] < ps[3]
     assert ranked_nodes(t, ps) == [3, 1, 2]
@@ -166,16 +168,18 @@ def test_margin_keeps_marginal_drafts_out():
 
 
 def test_coarse_kind_keeps_the_first_detail():
-    from decoding.cost_model import AcceptanceStats
+    def kind(family, *details, depth, hot=False):
+        return NodeKind(family, details, depth, hot)
 
-    assert AcceptanceStats.coarse("next:m2:s3:5") == "next:m2:5"
-    assert AcceptanceStats.coarse("h.guess:r0:m1:3") == "h.guess:r0:3"
-    assert AcceptanceStats.coarse("pld:m2:5") == "pld:5"
-    assert AcceptanceStats.coarse("guess:r1:1") == "guess:1"
-    assert AcceptanceStats.coarse("guess:1") == "guess:1"
+    assert kind("next", "m2", "s3", depth=5).coarse() == kind("next", "m2", depth=5)
+    assert kind("guess", "r0", "m1", depth=3, hot=True).coarse() == kind("guess", "r0", depth=3, hot=True)
+    assert kind("pld", "m2", depth=5).coarse() == kind("pld", depth=5)
+    assert kind("guess", "r1", depth=1).coarse() == kind("guess", depth=1)
+    assert kind("guess", depth=1).coarse() == kind("guess", depth=1)
+    assert str(kind("guess", "r0", "m1", depth=3, hot=True)) == "h.guess:r0:m1:3"
     # a failing sub-family does not condemn an untried sibling sub-family
     stats = AcceptanceStats()
     for _ in range(50):
-        stats.kinds.setdefault("next:m0:s0:1", [0.0, 0.0])[0] += 1
-        stats.kinds.setdefault("next:m0:1", [0.0, 0.0])[0] += 1
-    assert stats.p("next:m0:s1:1") < 0.05 and stats.p("next:m3:s1:1") == stats.prior
+        stats.kinds.setdefault(kind("next", "m0", "s0", depth=1), [0.0, 0.0])[0] += 1
+        stats.kinds.setdefault(kind("next", "m0", depth=1), [0.0, 0.0])[0] += 1
+    assert stats.p(kind("next", "m0", "s1", depth=1)) < 0.05 and stats.p(kind("next", "m3", "s1", depth=1)) == stats.prior

@@ -1,4 +1,5 @@
 from decoding.drafters import ArDrafter, LogitSpecDrafter, PldDrafter, make_drafter
+from decoding.tree import NodeKind
 from retrieval.suffix_index import SuffixIndex
 
 import pytest
@@ -15,7 +16,7 @@ def test_pld_chain_from_earliest_longest_match():
     t = PldDrafter(max_ngram=3, max_tokens=3).propose(index, 7, [])
     assert t.tokens == [7, 8, 9, 4]
     assert t.parents == [-1, 0, 1, 2]
-    assert t.kinds[1].startswith("pld:m2")  # matched "5 6 7" (3 tokens -> bucket 2)
+    assert str(t.kinds[1]).startswith("pld:m2")  # matched "5 6 7" (3 tokens -> bucket 2)
 
 
 def test_pld_no_match_no_draft():
@@ -42,12 +43,12 @@ def test_logitspec_next_branch_and_guess_branches():
     t = d.propose(index, 3, [3, 9, 5])
     assert t.tokens[0] == 3
     assert t.tokens[1:3] == [4, 2] and t.parents[1:3] == [0, 1]
-    assert t.kinds[1:3] == ["next:m2:s3:1", "next:m2:s3:2"]  # match of 3 tokens, the one occurrence
+    assert [str(k) for k in t.kinds[1:3]] == ["next:m2:s3:1", "next:m2:s3:2"]  # match of 3 tokens, the one occurrence
     n9 = t.children(0)[9]
     assert chain_below(t, n9) == [8, 1, 2]
     n5 = t.children(0)[5]
     assert t.children(n5) == {}
-    assert t.kinds[n9] == "guess:r0:1" and t.kinds[n5] == "guess:r1:1"  # rank buckets 1, 2
+    assert t.kinds[n9] == NodeKind("guess", ("r0",), 1) and str(t.kinds[n5]) == "guess:r1:1"  # rank buckets 1, 2
 
 
 def test_logitspec_next_trie_over_recent_occurrences():
@@ -59,9 +60,9 @@ def test_logitspec_next_trie_over_recent_occurrences():
     assert list(t.children(0)) == [5, 1]  # the latest occurrence first
     assert chain_below(t, n5) == [6, 6, 0]  # 4 tokens deep for the latest
     assert set(t.children(n1)) == {2, 3}  # the others 2 deep: "1 2" / "1 3"
-    assert t.kinds[n5] == "next:m1:s0:1"  # a 2-token match; 1 of 4 occurrences: share 0.25
-    assert t.kinds[n1] == "next:m1:s2:1"  # 3 of 4: share 0.75
-    assert t.kinds[t.children(n1)[2]] == "next:m1:s1:2"  # 2 of 4
+    assert str(t.kinds[n5]) == "next:m1:s0:1"  # a 2-token match; 1 of 4 occurrences: share 0.25
+    assert str(t.kinds[n1]) == "next:m1:s2:1"  # 3 of 4: share 0.75
+    assert str(t.kinds[t.children(n1)[2]]) == "next:m1:s1:2"  # 2 of 4
     # only the 2 latest occurrences
     t2 = LogitSpecDrafter(guesses=0, next_tokens=4, recent=2).propose(index, 7, [])
     assert set(t2.children(0)) == {5, 1} and set(t2.children(t2.children(0)[1])) == {2}
@@ -74,10 +75,11 @@ def test_logitspec_echoes_are_branches_under_the_root():
     assert set(t.children(0)) == {4, 9, 6}
     n9, n6 = t.children(0)[9], t.children(0)[6]
     # a lone prediction goes on with what followed "9" before; a walked chain stays as it is
-    assert chain_below(t, n9) == [8, 1, 2] and t.kinds[n9] == "echo:t0:1"
-    assert chain_below(t, n6) == [7] and t.kinds[n6] == "echo:s0:1"
-    assert t.kinds[t.children(n6)[7]] == "echo:s0:w:2"
-    assert "echo:t0:1" in d.openings(index, 3, [("t", [9])]) and "echo:t0:1" not in d.openings(index, 3, [])
+    assert chain_below(t, n9) == [8, 1, 2] and str(t.kinds[n9]) == "echo:t0:1"
+    assert chain_below(t, n6) == [7] and str(t.kinds[n6]) == "echo:s0:1"
+    assert t.kinds[t.children(n6)[7]] == NodeKind("echo", ("s0", "w"), 2)
+    echo = NodeKind("echo", ("t0",), 1)
+    assert echo in d.openings(index, 3, [("t", [9])]) and echo not in d.openings(index, 3, [])
 
 
 def test_logitspec_guess_lengths_follow_rank():

@@ -14,9 +14,11 @@ import torch
 from decoding.families import NATIVE, build_model
 from decoding.loader import load
 from decoding.model import Rope, SeqBatchEntry
-from decoding.tree import DraftTree
+from decoding.tree import DraftTree, NodeKind
 from decoding.verify import SamplingParams
 from conftest import engines_for
+
+DRAFT = NodeKind("draft", (), 1)  # a test node's kind (statistics need one)
 
 VOCAB = 128
 COMMON = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
@@ -152,10 +154,10 @@ def test_tree_forward_equals_sequential_decoding(engines):
     ref = torch.cat([model.forward(torch.tensor([tok]), torch.tensor([past + i]),
                                    [SeqBatchEntry(0, past + i, 1, None)], seq_cache) for i, tok in enumerate([7, 8, 9])])
     t = DraftTree.root(7)  # 7 -> (30, 8 -> (31, 9))
-    t.add(0, 30, "x")
-    n8 = t.add(0, 8, "x")
-    t.add(n8, 31, "x")
-    n9 = t.add(n8, 9, "x")
+    t.add(0, 30, DRAFT)
+    n8 = t.add(0, 8, DRAFT)
+    t.add(n8, 31, DRAFT)
+    n9 = t.add(n8, 9, DRAFT)
     out = model.forward(torch.tensor(t.tokens), torch.tensor([past + d for d in t.depths]),
                         [SeqBatchEntry(0, past, len(t), t.attention_mask())], tree_cache)
     path = t.path_to(n9)
@@ -171,9 +173,9 @@ def test_rows_do_not_depend_on_the_batch(engines, mode):
     model = engines["ar"].model
     prompts = {0: PROMPT[:5], 2: PROMPT, 3: PROMPT[3:10]}
     t = DraftTree.root(7)
-    t.add(0, 30, "x")
-    n8 = t.add(0, 8, "x")
-    t.add(n8, 31, "x")
+    t.add(0, 30, DRAFT)
+    n8 = t.add(0, 8, DRAFT)
+    t.add(n8, 31, DRAFT)
     rows = {2: (t.tokens, t.attention_mask()), 0: ([44], None), 3: ([45], None)}
     alone = {}
     for slot, (tokens, mask) in rows.items():

@@ -13,9 +13,11 @@ from decoding.config import EngineConfig
 from decoding.engine import Engine
 from decoding.grammar import Constraint, GrammarError, json_schema_grammar, lark_grammar
 from decoding.model import SeqBatchEntry
-from decoding.tree import DraftTree
+from decoding.tree import DraftTree, NodeKind
 from decoding.verify import SamplingParams, processed_probs
 from retrieval.suffix_index import SuffixIndex
+
+DRAFT = NodeKind("draft", (), 1)  # a test node's kind (statistics need one)
 
 pytestmark = pytest.mark.slow
 
@@ -35,13 +37,13 @@ def test_prune_drops_forbidden_drafts_and_their_subtrees(real_engines):
     tok = lambda s: one_token(engine.tokenizer, s)  # noqa: E731
     c = engine.grammars.constraint(lark_grammar('start: "{" ("a" | "b") "}"'))
     tree = DraftTree.root(tok("{"))
-    a = tree.add(0, tok("a"), "x")
-    tree.add(a, tok("}"), "x")
-    tree.add(a, tok("a"), "x")  # "{aa": forbidden under an allowed parent
-    c_ = tree.add(0, tok("c"), "x")  # forbidden, with a subtree that goes too
-    tree.add(c_, tok("}"), "x")
-    b = tree.add(0, tok("b"), "x")
-    tree.add(b, engine.tokenizer.eos_token_id, "x")  # "{b" + end: the grammar is not complete
+    a = tree.add(0, tok("a"), DRAFT)
+    tree.add(a, tok("}"), DRAFT)
+    tree.add(a, tok("a"), DRAFT)  # "{aa": forbidden under an allowed parent
+    c_ = tree.add(0, tok("c"), DRAFT)  # forbidden, with a subtree that goes too
+    tree.add(c_, tok("}"), DRAFT)
+    b = tree.add(0, tok("b"), DRAFT)
+    tree.add(b, engine.tokenizer.eos_token_id, DRAFT)  # "{b" + end: the grammar is not complete
     pruned = c.prune(tree)
     decode = lambda t, v: engine.tokenizer.decode([t.tokens[i] for i in t.path_to(v)])  # noqa: E731
     assert sorted(decode(pruned, v) for v in range(len(pruned))) == ["{", "{a", "{a}", "{b"]
@@ -58,7 +60,7 @@ def test_tree_masks_equal_a_fresh_matcher_advanced_along_each_path(real_engines)
         ids = engine.tokenizer.encode(text)
         node = 0
         for t in ids[1:]:
-            node = tree.add(node, t, "x")
+            node = tree.add(node, t, DRAFT)
     c = engine.grammars.constraint(grammar)
     tree = c.prune(tree)
     masks = c.allowed(c.tree_masks(tree))  # [n, vocab]
@@ -143,9 +145,9 @@ def test_constrained_sampling_has_the_constrained_distribution(real_loaded, real
     try:
         and_ = one_token(tok, " and")
         tree = DraftTree.root(seq.root)
-        node = tree.add(0, and_, "x")
+        node = tree.add(0, and_, DRAFT)
         for c in colours[:4]:
-            tree.add(node, one_token(tok, " " + c), "x")
+            tree.add(node, one_token(tok, " " + c), DRAFT)
         tree = base.prune(tree)
         assert len(tree) == 6
         rows = engine.model.forward(torch.tensor(tree.tokens), torch.tensor([seq.past_len + d for d in tree.depths]),

@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from decoding.model import Model, SeqBatchEntry
-from decoding.tree import DraftTree
+from decoding.tree import DraftTree, NodeKind
+
+DRAFT = NodeKind("draft", (), 1)  # a test node's kind (statistics need one)
 
 ATOL = 2e-5
 
@@ -44,10 +46,10 @@ def test_tree_forward_equals_sequential_decoding(model):
     ref = torch.cat(ref)
     # tree: root 7 with children 30 (leaf) and 8, 8 with children 31 and 9
     t = DraftTree.root(7)
-    t.add(0, 30, "x")
-    n8 = t.add(0, 8, "x")
-    t.add(n8, 31, "x")
-    n9 = t.add(n8, 9, "x")
+    t.add(0, 30, DRAFT)
+    n8 = t.add(0, 8, DRAFT)
+    t.add(n8, 31, DRAFT)
+    n9 = t.add(n8, 9, DRAFT)
     positions = torch.tensor([4 + d for d in t.depths])
     out = model.forward(torch.tensor(t.tokens), positions, [SeqBatchEntry(0, 4, len(t), t.attention_mask())], cache)
     path = t.path_to(n9)
@@ -117,9 +119,9 @@ def mixed_step(model, cache):
     for slot, p in prompts.items():
         prefill(model, cache, slot, p)
     t = DraftTree.root(7)
-    t.add(0, 30, "x")
-    n8 = t.add(0, 8, "x")
-    t.add(n8, 31, "x")
+    t.add(0, 30, DRAFT)
+    n8 = t.add(0, 8, DRAFT)
+    t.add(n8, 31, DRAFT)
     batch = [SeqBatchEntry(2, len(long), len(t), t.attention_mask()), SeqBatchEntry(0, 3, 1, None),
              SeqBatchEntry(3, 2, 1, None)]
     tokens = torch.tensor(t.tokens + [44, 45])
@@ -252,9 +254,9 @@ def test_layer_attention_options_match_a_naive_reference(mode, scale, window, so
         cache.k[0][:, blocks, offsets] = kv.transpose(0, 1)
         cache.v[0][:, blocks, offsets] = -kv.transpose(0, 1)
     t = DraftTree.root(7)
-    t.add(0, 30, "x")
-    n8 = t.add(0, 8, "x")
-    t.add(n8, 31, "x")
+    t.add(0, 30, DRAFT)
+    n8 = t.add(0, 8, DRAFT)
+    t.add(n8, 31, DRAFT)
     batch = [SeqBatchEntry(2, 6, len(t), t.attention_mask()), SeqBatchEntry(0, 3, 1, None),
              SeqBatchEntry(3, 9, 1, None)]
     n = sum(e.n for e in batch)
