@@ -83,14 +83,17 @@ class CostModel:
     steps that drafted nothing): the first measured replaces the calibration, later ones enter an
     exponentially weighted average of log seconds (weight `alpha` on the newest). slope(B), how
     draft tokens cost against their calibrated share of a plain step, is a decayed least-squares
-    fit on drafting steps (`decay` per step; a prior of 1 weighing one 4-token step). A batch size
+    fit on drafting steps (`decay` per step; a prior of 1 that never decays, see SLOPE_PRIOR_X). A batch size
     not measured yet borrows the nearest measured one's. So a calibration wrong in scale (timed
     while the machine was busy) is corrected by the first plain step, and one wrong in how fast
     cost grows with the tree by drafting steps.
 
     Bound: after the first plain step at B (the engine makes a batch size's first step a plain
-    one, see Engine.step), a slope off by up to 4x is within 10% after 8 drafting steps at B
-    (0.75^8 x 3 / (0.75^8 + 4 x (1 - 0.75^8)) < 0.1 x 4), noise aside; plain(B) follows a change of
+    one, see Engine.step), a slope off by up to 4x is within 10% after 8 drafting steps at B whose
+    draft tokens cost at least a third of a plain step by the calibration (the decayed data then
+    outweigh both the prior and older data about 9 to 1), noise aside; for smaller trees the slope
+    matters in proportion (their draft tokens' cost is that share times the slope error), and
+    the fake-clock test shows the choices right within 12 steps. plain(B) follows a change of
     the machine's speed within 8 plain steps (0.7^8 x ln 4 < ln 1.1), and the engine makes 8 of
     its first 32 steps at a batch size plain, then one in PROBE_EVERY. A bigger forward never
     costs less than a smaller one.
@@ -125,6 +128,7 @@ class CostModel:
         self._plain_seen = [0] * size
         self._sxy: list[float | None] = [None] * size  # slope fit: decayed sums of x * y, x * x
         self._sxx = [0.0] * size
+        self._prior_slope = [1.0] * size
         self._draft_seen = [0] * size
         self._costs: dict[int, list[float]] = {}  # B -> cost(B + k, B) for k = 0.., running max
         # the realised loop (settle): per batch size
@@ -174,7 +178,10 @@ class CostModel:
     def slope(self, batch: int = 1) -> float:
         """Draft tokens' cost against their calibrated share of a plain step, at this batch size."""
         near = self._nearest(self._batch(batch), self._sxy)
-        return 1.0 if near is None else max(self._sxy[near] / self._sxx[near], 0.0)
+        if near is None:
+            return 1.0
+        w = SLOPE_PRIOR_X ** 2
+        return max((w * self._prior_slope[near] + self._sxy[near]) / (w + self._sxx[near]), 0.0)
 
     def measured(self, n_tokens: int, batch: int = 1) -> int:
         """How many plain steps (n_tokens == batch) or drafting steps were measured at this batch size."""
@@ -213,10 +220,9 @@ class CostModel:
         x = self._x(n, b)
         if x <= 0 or self._log_plain[b] is None:
             return  # no plain step measured at this size yet: nothing to measure drafts against
-        if self._sxy[b] is None:  # start from the slope borrowed (or the prior of 1), weighing one 4-token step
-            w = self._x(b + 4, b)
-            self._sxx[b] = w * w
-            self._sxy[b] = self.slope(b) * self._sxx[b]
+        if self._sxy[b] is None:  # the prior: the slope borrowed (or 1)
+            self._prior_slope[b] = self.slope(b)
+            self._sxy[b] = self._sxx[b] = 0.0
         d = self.decay
         self._sxy[b] = self._sxy[b] * d + x * (seconds / self.plain(b) - 1.0)
         self._sxx[b] = self._sxx[b] * d + x * x
@@ -231,6 +237,10 @@ class CostModel:
             p = self._plain_step[b]
             self._plain_step[b] = seconds if not p else p + 0.2 * (seconds - p)
             self._backoff[b] *= BACKOFF_RELAX
+            # the drafting record ages with every step, so that rare drafting steps are judged by
+            # themselves, not by drafting steps from a busier time
+            self._draft_tokens[b] *= DRAFT_DECAY
+            self._draft_seconds[b] *= DRAFT_DECAY
             return
         self._draft_tokens[b] = self._draft_tokens[b] * DRAFT_DECAY + tokens
         self._draft_seconds[b] = self._draft_seconds[b] * DRAFT_DECAY + seconds
@@ -272,8 +282,16 @@ class CostModel:
         return counts
 
 
+# The slope's prior weighs as one drafting step whose calibrated extra cost is a tenth of a plain
+# step, and never decays: the slope is a ratio of two small numbers for small trees (a few draft
+# tokens in a flat stretch of the calibration cost about nothing, and step-to-step noise of a few
+# percent then read as a slope of 5 or 10, which priced every larger tree out). Small trees now
+# barely move it; trees whose draft tokens cost a third of a plain step or more outweigh it within
+# a step or two.
+SLOPE_PRIOR_X = 0.1
+
 # The realised loop (CostModel.settle): drafting steps' tokens per second are a decayed average
-# over about the last 1 / (1 - DRAFT_DECAY) drafting steps; each drafting step moves the back-off
+# over the drafting steps among about the last 1 / (1 - DRAFT_DECAY) steps; each drafting step moves the back-off
 # by BACKOFF_GAIN x the shortfall against plain steps (a 2x shortfall adds 0.5 at once), and each
 # plain step keeps BACKOFF_RELAX of it (half-life ~23 plain steps).
 DRAFT_DECAY = 0.9

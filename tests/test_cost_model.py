@@ -91,6 +91,24 @@ def test_realised_loop_backs_off_when_drafting_delivers_less():
     assert c.backoff() == 0.0
 
 
+def test_realised_loop_forgets_a_busy_start():
+    """Both cores busy for the first steps: plain and drafting steps both slow. Once the load is
+    gone, plain steps are fast again; drafting, rare while the back-off is up, must be judged by
+    its recent steps, not by the busy ones (a loaded bench start kept pld's back-off up for a
+    whole run when only drafting steps aged the drafting record)."""
+    c = CostModel({1: 1.0, 2: 1.1, 64: 7.3}, max_tokens=64)
+    c.settle(1, 1, 0.2, drafted=False)  # busy: 5 tokens/s plain
+    for _ in range(10):
+        c.settle(1, 1, 0.4, drafted=True)  # busy: drafting at 2.5 tokens/s
+    assert c.backoff() == 2.0
+    for step in range(120):  # quiet: plain at 20 tokens/s, a drafting step now and then at 33
+        if step % 10 == 9:
+            c.settle(1, 2, 0.06, drafted=True)
+        else:
+            c.settle(1, 1, 0.05, drafted=False)
+    assert c.backoff() < 0.05
+
+
 @pytest.mark.parametrize("calibration", ["4x scale", "4x flat shape", "4x steep shape"])
 def test_choices_converge_under_a_fake_clock(calibration):
     """The engine's loop in miniature with a fake clock: each step chooses a tree size from a
