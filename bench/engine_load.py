@@ -14,20 +14,24 @@ between the two benchmarks points at.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from load import load_prompts  # noqa: E402
+
 RUN = r'''
-import sys, time
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from decoding.config import EngineConfig
 from decoding.engine import Engine
-from decoding.specbench import DEFAULT_DATA, read_questions
 from decoding.verify import SamplingParams
 clients, requests = int(sys.argv[2]), int(sys.argv[3])
-texts = [q["turns"][0] for q in read_questions(DEFAULT_DATA, per_category=3) if len(q["turns"][0]) < 600]
+texts = json.load(sys.stdin)
 engine = Engine(EngineConfig(method="ar", max_batch=clients, max_context=2048))
 prompts = [engine.chat_prompt([{"role": "user", "content": t}]) for t in texts]
 todo = [prompts[i % len(prompts)] for i in range(requests)]
@@ -57,11 +61,13 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()
     builds = dict(b.split("=", 1) for b in args.build)
+    texts = json.dumps(load_prompts())  # chosen here: every build runs the same prompts
     rates: dict[str, list[float]] = {name: [] for name in builds}
     for r in range(args.rounds):
         for name, path in builds.items():
             out = subprocess.run([sys.executable, "-c", RUN, str(Path(path).resolve()), str(args.clients),
-                                  str(args.requests)], capture_output=True, text=True, check=True).stdout
+                                  str(args.requests)], input=texts, capture_output=True, text=True,
+                                 check=True).stdout
             tokens, seconds, steps, step = out.split("RESULT ")[1].split()
             rate = int(tokens) / float(seconds)
             rates[name].append(rate)

@@ -124,6 +124,11 @@ def measured_level(url: str, prompts: list[str], clients: int, per_client: int, 
     return part
 
 
+def load_prompts() -> list[str]:
+    """The benchmark's prompts: Spec-Bench first turns under 600 characters, 3 per category."""
+    return [q["turns"][0] for q in read_questions(DEFAULT_DATA, per_category=3) if len(q["turns"][0]) < 600]
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--url", default=None, help="an already running server (default: start one)")
@@ -136,8 +141,7 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    prompts = [q["turns"][0] for q in read_questions(DEFAULT_DATA, per_category=3)
-               if len(q["turns"][0]) < 600]
+    prompts = load_prompts()
     levels = [int(x) for x in args.levels.split(",")]
     specs = args.server or [f"this={args.url}" if args.url else f"this={ROOT}"]
     servers, started = {}, []

@@ -130,7 +130,7 @@ class CostModel:
         self._sxx = [0.0] * size
         self._prior_slope = [1.0] * size
         self._draft_seen = [0] * size
-        self._costs: dict[int, list[float]] = {}  # B -> cost(B + k, B) for k = 0.., running max
+        self._costs: dict[int, list[float]] = {}  # B -> cost(B + k, B) for k = 0.. (so far asked), running max
         # the realised loop (settle): per batch size
         self._plain_step = [0.0] * size  # seconds of a whole plain step (EWMA), 0 = none
         self._draft_tokens = [0.0] * size  # decayed sums over recent drafting steps
@@ -193,11 +193,12 @@ class CostModel:
         n = min(max(n_tokens, b), self.max_tokens)
         costs = self._costs.get(b)
         if costs is None:
-            plain, slope = self.plain(b), self.slope(b)
-            costs = self._costs[b] = [plain]
-            for m in range(b + 1, self.max_tokens + 1):
+            costs = self._costs[b] = [self.plain(b)]
+        if len(costs) <= n - b:  # extended only as far as asked: most steps price small trees only
+            plain, slope = costs[0], self.slope(b)
+            for m in range(b + len(costs), n + 1):
                 costs.append(max(plain * (1 + slope * self._x(m, b)), costs[-1]))
-        return costs[n - b] if n - b < len(costs) else costs[-1]
+        return costs[n - b]
 
     def observe(self, n_tokens: int, seconds: float, batch: int = 1) -> None:
         """One forward's seconds (the forward alone)."""
@@ -208,13 +209,12 @@ class CostModel:
         self._costs.clear()
         if n <= b:
             y = math.log(seconds)
-            if self._log_plain[b] is None:
-                # the first at this size: replaces the calibration, or starts from the borrowed value
-                borrowed = self._nearest(b, self._log_plain) is not None
-                self._log_plain[b] = math.log(self.plain(b)) + self.alpha * (y - math.log(self.plain(b))) \
-                    if borrowed else y
-            else:
-                self._log_plain[b] += self.alpha * (y - self._log_plain[b])
+            prior = self._log_plain[b]
+            if prior is None:
+                # the first at this size: starts from the value borrowed from another size, or
+                # (nothing measured yet) replaces the calibration
+                prior = math.log(self.plain(b)) if self._nearest(b, self._log_plain) is not None else y
+            self._log_plain[b] = prior + self.alpha * (y - prior)
             self._plain_seen[b] += 1
             return
         x = self._x(n, b)

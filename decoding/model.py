@@ -125,15 +125,21 @@ CALL_COST = 600.0
 ROW_COST = 0.26
 
 
+def _at_home(e: SeqBatchEntry, runs: list[tuple[int, int, int, int]], cache: KVCache) -> bool:
+    """Whether the sequence's cells are one run of the pool from its seat's home block."""
+    return len(runs) == 1 and runs[0][0] == cache.home(e.slot)
+
+
 def _segments(batch: list[SeqBatchEntry], runs: list[list[tuple[int, int, int, int]]],
               cache: KVCache) -> list[list[int]]:
     """CPU grouping of a batch into attention calls: entries (indices into `batch`) that sit at
     their seat's home are cut, in seat order, into runs of neighbouring seats read in place as one
     batched call, where that costs less than separate calls (CALL_COST, ROW_COST); every other
     entry is a group of one. Minimum-cost cut by dynamic programming over the seat order."""
-    at_home = sorted((i for i, (e, r) in enumerate(zip(batch, runs))
-                      if len(r) == 1 and r[0][0] == cache.home(e.slot)), key=lambda i: batch[i].slot)
-    singles = [[i] for i in range(len(batch)) if i not in set(at_home)]
+    at_home = sorted((i for i, (e, r) in enumerate(zip(batch, runs)) if _at_home(e, r, cache)),
+                     key=lambda i: batch[i].slot)
+    home_set = set(at_home)
+    singles = [[i] for i in range(len(batch)) if i not in home_set]
     m = len(at_home)
     best, cut = [0.0] + [float("inf")] * m, [0] * (m + 1)
     for j in range(1, m + 1):
@@ -223,7 +229,7 @@ def _batched_plan(batch: list[SeqBatchEntry], runs: list[list[tuple[int, int, in
     l_max = max(e.past_len + e.n for e in batch)
     lo, hi = min(e.slot for e in batch), max(e.slot for e in batch)
     width = cache.blocks_for(l_max)
-    at_home = (all(len(r) == 1 and r[0][0] == cache.home(e.slot) for r, e in zip(runs, batch))
+    at_home = (all(_at_home(e, r, cache) for r, e in zip(runs, batch))
                and cache.home(hi) + width <= cache.num_blocks)
     if at_home:
         # Every sequence is one run from its seat's home block: the seats lo..hi are one strided

@@ -42,6 +42,12 @@ class ServerProcess:
         self.stop()
         raise RuntimeError("server did not start in time")
 
+    def openai_client(self, timeout: float):
+        """The official openai client for this server (no retries: a failure shows as one)."""
+        from openai import OpenAI
+
+        return OpenAI(base_url=self.url + "/v1", api_key="unused", max_retries=0, timeout=timeout)
+
     def health(self) -> dict:
         return httpx.get(self.url + "/health", timeout=10).json()
 

@@ -7,7 +7,6 @@ import re
 
 import httpx
 import pytest
-from openai import OpenAI
 
 from server_process import ROOT, ServerProcess
 
@@ -23,7 +22,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
+    return server.openai_client(timeout=120)
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,6 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import openai
 import pytest
-from openai import OpenAI
 from pydantic import BaseModel, Field
 
 from server_process import ServerProcess
@@ -25,7 +24,7 @@ def server():
 
 @pytest.fixture(scope="module")
 def client(server):
-    return OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=300)
+    return server.openai_client(timeout=300)
 
 
 @pytest.fixture(scope="module")
