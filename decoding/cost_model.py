@@ -9,6 +9,7 @@ all sequences in the batch compete in one ranking; the cut that maximises
 
 from __future__ import annotations
 
+import bisect
 import math
 
 from decoding.tree import DraftTree, NodeKind
@@ -76,27 +77,41 @@ class CostModel:
 
     cost(N, B) prices a forward of N tokens for B sequences, k = N - B of them draft tokens, as
 
-        cost(N, B) = plain(B) x (1 + slope(B) x (f(N) - f(B)) / f(B))
+        cost(N, B) = plain(B) x (1 + extra(k, B))
 
-    where f is the calibrated shape (one sequence's forward of N tokens, timed at start-up).
     plain(B), what a step of one token per sequence costs, is learned from plain steps (probes and
     steps that drafted nothing): the first measured replaces the calibration, later ones enter an
-    exponentially weighted average of log seconds (weight `alpha` on the newest). slope(B), how
-    draft tokens cost against their calibrated share of a plain step, is a decayed least-squares
-    fit on drafting steps (`decay` per step; a prior of 1 that never decays, see SLOPE_PRIOR_X). A batch size
-    not measured yet borrows the nearest measured one's. So a calibration wrong in scale (timed
-    while the machine was busy) is corrected by the first plain step, and one wrong in how fast
-    cost grows with the tree by drafting steps.
+    exponentially weighted average of log seconds (weight `alpha` on the newest). extra(k, B), what
+    k draft tokens add as a share of a plain step, is learned in two layers from drafting steps:
+
+    - slope(B) x x(N, B), where x is the draft tokens' calibrated share (f(N) - f(B)) / f(B) of
+      the start-up shape f and slope(B) a decayed least-squares fit (`decay` per step; a prior of
+      1 that never decays, see SLOPE_PRIOR_X). It carries what one tree size teaches to all the
+      others: a calibration whose shape is off by a factor is set right for sizes not yet tried.
+    - a correction at anchor sizes k = 1, 2, 4, ... (ANCHORS), interpolated linearly between them:
+      the decayed mean of what steps near the anchor measured beyond slope x x (see
+      ANCHOR_PRIOR_WEIGHT). It learns what no single factor can: a calibration timed on a busy
+      machine is noise, flat or even falling where the true curve rises, and there x = 0 for small
+      trees, so that the slope cannot see them (a loaded start priced 3-token trees as free and,
+      with a slope fitted on the few larger ones, every larger tree at 3x its cost).
+
+    A batch size not measured yet borrows the nearest measured one's plain ratio and slope (not
+    its corrections, which are in its own units). A bigger forward never costs less than a
+    smaller one.
+
+    Sizes the model prices too dear would never be chosen, so never measured: every
+    STRETCH_EVERY-th step the engine drafts about twice the nodes chosen (Engine._schedule), and
+    what it measures there moves the slope and the anchors near that size.
 
     Bound: after the first plain step at B (the engine makes a batch size's first step a plain
-    one, see Engine.step), a slope off by up to 4x is within 10% after 8 drafting steps at B whose
-    draft tokens cost at least a third of a plain step by the calibration (the decayed data then
-    outweigh both the prior and older data about 9 to 1), noise aside; for smaller trees the slope
-    matters in proportion (their draft tokens' cost is that share times the slope error), and
-    the fake-clock test shows the choices right within 12 steps. plain(B) follows a change of
-    the machine's speed within 8 plain steps (0.7^8 x ln 4 < ln 1.1), and the engine makes 8 of
-    its first 32 steps at a batch size plain, then one in PROBE_EVERY. A bigger forward never
-    costs less than a smaller one.
+    one, see Engine.step), the cost of a tree size in use is within 10% of the truth after 8
+    drafting steps at it, noise aside (an anchor's data then weigh 3.6, decay 0.75, against the
+    prior's 0.25). A calibration 4x off in scale or by a factor in shape is set right everywhere
+    by the slope: the fake-clock tests show the choices right from the 12th step. One whose
+    shape is noise (timed on a busy machine) is set right where trees are, and by the second
+    stretch probe (the 32nd step) the choices deliver within 3% of the best tokens per second.
+    plain(B) follows a change of the machine's speed within 8 plain steps (0.7^8 x ln 4 < ln 1.1),
+    and the engine makes 8 of its first 32 steps at a batch size plain, then one in PROBE_EVERY.
 
     What the forward costs is only half of whether drafting pays: the realised loop (`settle`)
     compares whole steps, drafting included, as they ran. Per batch size it keeps the tokens per
@@ -130,6 +145,10 @@ class CostModel:
         self._sxx = [0.0] * size
         self._prior_slope = [1.0] * size
         self._draft_seen = [0] * size
+        # anchor corrections, per batch size: decayed sums of weight, weight x measured extra and
+        # weight x calibrated share, for each anchor (see ANCHORS)
+        self._anchors = [a for a in ANCHORS if a < max_tokens] + [max_tokens]
+        self._anchor_sums: list[list[list[float]] | None] = [None] * size
         self._costs: dict[int, list[float]] = {}  # B -> cost(B + k, B) for k = 0.. (so far asked), running max
         # the realised loop (settle): per batch size
         self._plain_step = [0.0] * size  # seconds of a whole plain step (EWMA), 0 = none
@@ -188,6 +207,24 @@ class CostModel:
         b = self._batch(batch)
         return self._plain_seen[b] if n_tokens <= b else self._draft_seen[b]
 
+    def _bracket(self, k: int) -> tuple[int, float]:
+        """The anchor at or below k draft tokens (its index) and k's weight on the next one."""
+        anchors = self._anchors
+        if k <= anchors[0]:
+            return 0, 0.0
+        i = bisect.bisect_right(anchors, k) - 1
+        if i >= len(anchors) - 1:
+            return len(anchors) - 1, 0.0
+        lo, hi = anchors[i], anchors[i + 1]
+        return i, (k - lo) / (hi - lo)
+
+    def _corrections(self, b: int, slope: float) -> list[float]:
+        """Each anchor's learned extra beyond slope x x, shrunk towards 0 (the prior)."""
+        sums = self._anchor_sums[b]
+        if sums is None:
+            return [0.0] * len(self._anchors)
+        return [(wy - slope * wx) / (ANCHOR_PRIOR_WEIGHT + w) for w, wy, wx in sums]
+
     def cost(self, n_tokens: int, batch: int = 1) -> float:
         b = self._batch(batch)
         n = min(max(n_tokens, b), self.max_tokens)
@@ -196,8 +233,11 @@ class CostModel:
             costs = self._costs[b] = [self.plain(b)]
         if len(costs) <= n - b:  # extended only as far as asked: most steps price small trees only
             plain, slope = costs[0], self.slope(b)
+            corrections = self._corrections(b, slope)
             for m in range(b + len(costs), n + 1):
-                costs.append(max(plain * (1 + slope * self._x(m, b)), costs[-1]))
+                i, w = self._bracket(m - b)
+                correction = corrections[i] if w == 0.0 else (1 - w) * corrections[i] + w * corrections[i + 1]
+                costs.append(max(plain * (1 + slope * self._x(m, b) + correction), costs[-1]))
         return costs[n - b]
 
     def observe(self, n_tokens: int, seconds: float, batch: int = 1) -> None:
@@ -217,15 +257,25 @@ class CostModel:
             self._log_plain[b] = prior + self.alpha * (y - prior)
             self._plain_seen[b] += 1
             return
-        x = self._x(n, b)
-        if x <= 0 or self._log_plain[b] is None:
+        if self._log_plain[b] is None:
             return  # no plain step measured at this size yet: nothing to measure drafts against
+        x, y = self._x(n, b), seconds / self.plain(b) - 1.0
         if self._sxy[b] is None:  # the prior: the slope borrowed (or 1)
             self._prior_slope[b] = self.slope(b)
             self._sxy[b] = self._sxx[b] = 0.0
         d = self.decay
-        self._sxy[b] = self._sxy[b] * d + x * (seconds / self.plain(b) - 1.0)
-        self._sxx[b] = self._sxx[b] * d + x * x
+        if x >= SLOPE_PRIOR_X:  # see SLOPE_PRIOR_X: small x measure noise, the anchors take them
+            self._sxy[b] = self._sxy[b] * d + x * y
+            self._sxx[b] = self._sxx[b] * d + x * x
+        if self._anchor_sums[b] is None:
+            self._anchor_sums[b] = [[0.0, 0.0, 0.0] for _ in self._anchors]
+        i, w = self._bracket(n - b)
+        for j, weight in ((i, 1.0 - w), (i + 1, w)):
+            if weight > 0:  # a step ages an anchor's data as far as it weighs there
+                sums, aged = self._anchor_sums[b][j], d ** weight
+                sums[0] = sums[0] * aged + weight
+                sums[1] = sums[1] * aged + weight * y
+                sums[2] = sums[2] * aged + weight * x
         self._draft_seen[b] += 1
 
     def settle(self, batch: int, tokens: int, seconds: float, drafted: bool) -> None:
@@ -261,11 +311,14 @@ class CostModel:
         plain = self.cost(batch, batch) / self._hurdle(batch)
         return min(batch * (self.cost(batch + k, batch) / plain - 1.0) / k for k in range(1, max_nodes + 1))
 
-    def choose(self, probs: list[list[float]], limits: list[int]) -> list[int]:
+    def choose(self, probs: list[list[float]], limits: list[int], stretch: bool = False) -> list[int]:
         """How many draft nodes each sequence keeps.
 
         probs[s]: sequence s's candidate nodes' acceptance estimates, sorted descending (ancestors
-        first). limits[s]: the most nodes s may keep (tree capacity, KV room).
+        first). limits[s]: the most nodes s may keep (tree capacity, KV room). stretch: where
+        drafting pays at all, keep twice as many nodes as pay, plus one (a stretch probe: the
+        forward's cost at a size the model would not choose, so that an overpriced size is found
+        out; see Engine._schedule).
         """
         base = len(probs)
         merged = sorted(((p, s) for s, ps in enumerate(probs) for p in ps[:limits[s]]), reverse=True)
@@ -276,6 +329,8 @@ class CostModel:
             rate = (base + gain) / self.cost(base + k, base)
             if rate > best_rate:
                 best_rate, best_k = rate, k
+        if stretch and best_k:
+            best_k = min(2 * best_k + 1, len(merged))
         counts = [0] * base
         for _, s in merged[:best_k]:
             counts[s] += 1
@@ -283,12 +338,20 @@ class CostModel:
 
 
 # The slope's prior weighs as one drafting step whose calibrated extra cost is a tenth of a plain
-# step, and never decays: the slope is a ratio of two small numbers for small trees (a few draft
-# tokens in a flat stretch of the calibration cost about nothing, and step-to-step noise of a few
-# percent then read as a slope of 5 or 10, which priced every larger tree out). Small trees now
-# barely move it; trees whose draft tokens cost a third of a plain step or more outweigh it within
-# a step or two.
+# step, and never decays; steps whose draft tokens are calibrated at less than that do not enter
+# the slope at all (the anchors learn them). The slope is a ratio of two small numbers for small
+# trees: a few draft tokens in a flat stretch of the calibration cost about nothing, and
+# step-to-step noise of a few percent then read as a slope of 5 or 10, which priced every larger
+# tree out. Trees whose draft tokens cost a third of a plain step or more outweigh the prior
+# within a step or two.
 SLOPE_PRIOR_X = 0.1
+
+# Draft-token counts at which CostModel learns its corrections to slope x x (plus max_tokens):
+# dense where trees usually are, where a busy calibration's noise matters most.
+ANCHORS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128, 192, 256)
+# An anchor's correction starts at 0 and weighs this against its data (decayed sums of weights,
+# where a step exactly at the anchor weighs 1 and one between two anchors splits 1 between them).
+ANCHOR_PRIOR_WEIGHT = 0.25
 
 # The realised loop (CostModel.settle): drafting steps' tokens per second are a decayed average
 # over the drafting steps among about the last 1 / (1 - DRAFT_DECAY) steps; each drafting step moves the back-off

@@ -51,6 +51,17 @@ def is_probe(step: int, plain_measured: int) -> bool:
     return (plain_measured == 0 or step % PROBE_EVERY == 0
             or (plain_measured < 8 and step % PROBE_EARLY == 0))
 
+
+# Every STRETCH_EVERY-th step, at STRETCH_AT, drafts twice the nodes the cost model chooses (plus
+# one), where it chooses any: a stretch probe, so that a tree size priced too dear (a calibration
+# timed on a busy machine, a slope fitted on small trees) is measured and found out.
+STRETCH_EVERY = 16
+STRETCH_AT = 9
+
+
+def is_stretch(step: int) -> bool:
+    return step % STRETCH_EVERY == STRETCH_AT
+
 logger = logging.getLogger("logitspec.engine")
 
 
@@ -482,7 +493,7 @@ class Engine:
             live.append(seq)
             trees.append(tree)
         if live and not probe:
-            trees = self._size_trees(live, trees)
+            trees = self._size_trees(live, trees, is_stretch(self._steps_run))
         live, trees = self._reserve(live, trees)
         return StepPlan(seqs, live, trees, probe, started, time.perf_counter())
 
@@ -659,9 +670,9 @@ class Engine:
         seq.error = cause
         seq.finish_reason = "error"
 
-    def _size_trees(self, seqs: list[Sequence], trees: list[DraftTree]) -> list[DraftTree]:
-        """Keep each tree's likeliest nodes: as many as pay for themselves, or up to capacity when
-        cost-aware sizing is off."""
+    def _size_trees(self, seqs: list[Sequence], trees: list[DraftTree], stretch: bool = False) -> list[DraftTree]:
+        """Keep each tree's likeliest nodes: as many as pay for themselves (about twice that on a
+        stretch probe, see CostModel.choose), or up to capacity when cost-aware sizing is off."""
         capacity = self.tree_capacity
         limits = [min(capacity, self.cache.max_len - s.past_len) - 1 for s in seqs]
         ranked, probs = [], []
@@ -670,7 +681,7 @@ class Engine:
             order = ranked_nodes(tree, ps)
             ranked.append(order)
             probs.append([ps[i] for i in order])
-        counts = self.cost.choose(probs, limits) if self.cost is not None else limits
+        counts = self.cost.choose(probs, limits, stretch) if self.cost is not None else limits
         return [t if c >= len(t) - 1 else t.subtree([0] + order[:c])
                 for t, order, c in zip(trees, ranked, counts)]
 
