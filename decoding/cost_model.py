@@ -100,16 +100,17 @@ class CostModel:
     smaller one.
 
     Sizes the model prices too dear would never be chosen, so never measured: every
-    STRETCH_EVERY-th step the engine drafts about twice the nodes chosen (Engine._schedule), and
-    what it measures there moves the slope and the anchors near that size.
+    STRETCH_EVERY-th step the engine drafts twice the nodes chosen plus one (one node where none
+    pays; Engine._schedule), and what it measures there moves the slope and the anchors near that
+    size.
 
     Bound: after the first plain step at B (the engine makes a batch size's first step a plain
     one, see Engine.step), the cost of a tree size in use is within 10% of the truth after 8
     drafting steps at it, noise aside (an anchor's data then weigh 3.6, decay 0.75, against the
-    prior's 0.25). A calibration 4x off in scale or by a factor in shape is set right everywhere
+    prior's 0.5), and a single outlying step moves it by at most OUTLIER_REACH of a plain step. A calibration 4x off in scale or by a factor in shape is set right everywhere
     by the slope: the fake-clock tests show the choices right from the 12th step. One whose
-    shape is noise (timed on a busy machine) is set right where trees are, and by the second
-    stretch probe (the 32nd step) the choices deliver within 3% of the best tokens per second.
+    shape is noise (timed on a busy machine) is set right where trees are, and by the third
+    stretch probe (the 48th step) the choices deliver within 3% of the best tokens per second.
     plain(B) follows a change of the machine's speed within 8 plain steps (0.7^8 x ln 4 < ln 1.1),
     and the engine makes 8 of its first 32 steps at a batch size plain, then one in PROBE_EVERY.
 
@@ -260,6 +261,11 @@ class CostModel:
         if self._log_plain[b] is None:
             return  # no plain step measured at this size yet: nothing to measure drafts against
         x, y = self._x(n, b), seconds / self.plain(b) - 1.0
+        # One step moves the estimate only so far (see OUTLIER_REACH): the first forward of a new
+        # shape pays one-off costs, and a size priced too dear by one such step is not chosen again.
+        expected = self.cost(n, b) / self.plain(b) - 1.0
+        reach = max(OUTLIER_REACH, 2 * abs(expected))
+        y = min(max(y, expected - reach), expected + reach)
         if self._sxy[b] is None:  # the prior: the slope borrowed (or 1)
             self._prior_slope[b] = self.slope(b)
             self._sxy[b] = self._sxx[b] = 0.0
@@ -276,6 +282,7 @@ class CostModel:
                 sums[0] = sums[0] * aged + weight
                 sums[1] = sums[1] * aged + weight * y
                 sums[2] = sums[2] * aged + weight * x
+        self._costs.clear()  # priced before this step (for `expected`): price again
         self._draft_seen[b] += 1
 
     def settle(self, batch: int, tokens: int, seconds: float, drafted: bool) -> None:
@@ -315,8 +322,8 @@ class CostModel:
         """How many draft nodes each sequence keeps.
 
         probs[s]: sequence s's candidate nodes' acceptance estimates, sorted descending (ancestors
-        first). limits[s]: the most nodes s may keep (tree capacity, KV room). stretch: where
-        drafting pays at all, keep twice as many nodes as pay, plus one (a stretch probe: the
+        first). limits[s]: the most nodes s may keep (tree capacity, KV room). stretch: keep twice
+        as many nodes as pay, plus one (a stretch probe: the
         forward's cost at a size the model would not choose, so that an overpriced size is found
         out; see Engine._schedule).
         """
@@ -329,7 +336,7 @@ class CostModel:
             rate = (base + gain) / self.cost(base + k, base)
             if rate > best_rate:
                 best_rate, best_k = rate, k
-        if stretch and best_k:
+        if stretch:
             best_k = min(2 * best_k + 1, len(merged))
         counts = [0] * base
         for _, s in merged[:best_k]:
@@ -346,12 +353,18 @@ class CostModel:
 # within a step or two.
 SLOPE_PRIOR_X = 0.1
 
+# A drafting step's measured extra is clipped to within this share of a plain step of the current
+# estimate (or within the estimate itself, where that is larger): an outlier (a new shape's first
+# forward, a page fault, a busy moment) moves a size's price by a fraction of a plain step at most,
+# while an estimate off by a factor (a calibration 4x off) still moves by up to that factor per step.
+OUTLIER_REACH = 0.1
+
 # Draft-token counts at which CostModel learns its corrections to slope x x (plus max_tokens):
 # dense where trees usually are, where a busy calibration's noise matters most.
 ANCHORS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 96, 128, 192, 256)
 # An anchor's correction starts at 0 and weighs this against its data (decayed sums of weights,
 # where a step exactly at the anchor weighs 1 and one between two anchors splits 1 between them).
-ANCHOR_PRIOR_WEIGHT = 0.25
+ANCHOR_PRIOR_WEIGHT = 0.5
 
 # The realised loop (CostModel.settle): drafting steps' tokens per second are a decayed average
 # over the drafting steps among about the last 1 / (1 - DRAFT_DECAY) steps; each drafting step moves the back-off

@@ -52,9 +52,9 @@ def is_probe(step: int, plain_measured: int) -> bool:
             or (plain_measured < 8 and step % PROBE_EARLY == 0))
 
 
-# Every STRETCH_EVERY-th step, at STRETCH_AT, drafts twice the nodes the cost model chooses (plus
-# one), where it chooses any: a stretch probe, so that a tree size priced too dear (a calibration
-# timed on a busy machine, a slope fitted on small trees) is measured and found out.
+# Every STRETCH_EVERY-th step, at STRETCH_AT, drafts twice the nodes the cost model chooses plus
+# one (so one node where it chooses none): a stretch probe, so that a tree size priced too dear (a
+# calibration timed on a busy machine, an outlying step) is measured and found out.
 STRETCH_EVERY = 16
 STRETCH_AT = 9
 
@@ -165,6 +165,7 @@ class StepTimes:
     prefill: float = 0.0
     grammar: float = 0.0  # pruning trees and masking rows for constrained sequences (inside draft and verify)
     steps: int = 0
+    tokens: int = 0  # tokens verified in decoding steps' forwards (roots and draft nodes)
     attention_calls: int = 0  # attention calls in decoding steps' forwards, all layers counted
 
     @property
@@ -555,6 +556,7 @@ class Engine:
         tm.forward += run.seconds
         tm.verify += ended - verify_started
         tm.steps += 1
+        tm.tokens += tokens
         tm.attention_calls += run.attention_calls
         record = StepRecord(len(seqs), [len(t) for _, t in done], [s.last_accepted for s, _ in done],
                             [len(emitted[id(s)]) for s, _ in done], ended - plan.started,

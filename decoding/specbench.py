@@ -127,7 +127,9 @@ def run_bench(data: Path, methods: list[str], per_category: int | None, max_new_
         total = tm.decode_total or 1.0
         result.split[m] = {"draft_pct": round(100 * tm.draft / total, 2), "mask_pct": round(100 * tm.mask / total, 2),
                            "forward_pct": round(100 * tm.forward / total, 2),
-                           "verify_pct": round(100 * tm.verify / total, 2), "steps": tm.steps}
+                           "verify_pct": round(100 * tm.verify / total, 2), "steps": tm.steps,
+                           "tokens_per_forward": round(tm.tokens / max(tm.steps, 1), 2),
+                           "ms_per_step": round(1000 * total / max(tm.steps, 1), 2)}
     return result
 
 
@@ -149,7 +151,8 @@ def format_table(report: dict) -> str:
         split = report["methods"][m].get("time_split")
         if split:
             lines.append(f"{m} step time: draft {split['draft_pct']}%, masks {split['mask_pct']}%, "
-                         f"forward {split['forward_pct']}%, verify {split['verify_pct']}% over {split['steps']} steps")
+                         f"forward {split['forward_pct']}%, verify {split['verify_pct']}% over {split['steps']} steps; "
+                         f"{split['ms_per_step']} ms and {split['tokens_per_forward']} tokens verified per step")
     return "\n".join(lines)
 
 

@@ -223,7 +223,7 @@ def test_a_calibration_timed_on_a_busy_machine_is_unlearned(calibration, quiet, 
     shape is noise: flat where the truth rises, then too steep, so that no single factor on it is
     right everywhere, the slope cannot see trees in the flat part, and the sizes it overprices
     are never chosen to be measured. With anchor corrections and stretch probes, every step after
-    the second stretch probe (the 32nd; stretch probes aside) delivers within 3% of the best
+    the third stretch probe (the 48th; stretch probes aside) delivers within 3% of the best
     expected tokens per second, and the sizes in use are priced within 10%."""
     from decoding.engine import STRETCH_EVERY, is_probe, is_stretch
 
@@ -243,6 +243,20 @@ def test_a_calibration_timed_on_a_busy_machine_is_unlearned(calibration, quiet, 
         c.observe(1 + k, truth.cost(1 + k))
         if not probe and not stretch:
             chosen.append((step, k))
-    assert min(rate(k) for step, k in chosen if step > 2 * STRETCH_EVERY) >= 0.97 * best
+    assert min(rate(k) for step, k in chosen if step > 3 * STRETCH_EVERY) >= 0.97 * best
     for n in {k + 1 for _, k in chosen[-10:]} | {1}:
         assert c.cost(n) == pytest.approx(truth.cost(n), rel=0.1)
+
+
+def test_one_outlying_step_moves_a_price_a_little():
+    """A new shape's first forward, a page fault: one drafting step 3x its true cost. The size's
+    price moves by a tenth of a plain step at most, so it is not priced out of use; steps as
+    expected then bring it back."""
+    c = CostModel({1: 1.0, 4: 1.0, 8: 1.2, 64: 7.0}, max_tokens=64)
+    c.observe(1, 1.0)
+    before = c.cost(3)
+    c.observe(3, 3.0)
+    assert before < c.cost(3) <= before + 0.1
+    for _ in range(8):
+        c.observe(3, before)
+    assert c.cost(3) == pytest.approx(before, abs=0.01)
