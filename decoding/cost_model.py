@@ -150,7 +150,8 @@ class CostModel:
         # weight x calibrated share, for each anchor (see ANCHORS)
         self._anchors = [a for a in ANCHORS if a < max_tokens] + [max_tokens]
         self._anchor_sums: list[list[list[float]] | None] = [None] * size
-        self._costs: dict[int, list[float]] = {}  # B -> cost(B + k, B) for k = 0.. (so far asked), running max
+        # B -> (cost(B + k, B) for k = 0.. so far asked, running max; slope(B); corrections at B)
+        self._costs: dict[int, tuple[list[float], float, list[float]]] = {}
         # the realised loop (settle): per batch size
         self._plain_step = [0.0] * size  # seconds of a whole plain step (EWMA), 0 = none
         self._draft_tokens = [0.0] * size  # decayed sums over recent drafting steps
@@ -229,12 +230,13 @@ class CostModel:
     def cost(self, n_tokens: int, batch: int = 1) -> float:
         b = self._batch(batch)
         n = min(max(n_tokens, b), self.max_tokens)
-        costs = self._costs.get(b)
-        if costs is None:
-            costs = self._costs[b] = [self.plain(b)]
+        table = self._costs.get(b)
+        if table is None:
+            slope = self.slope(b)
+            table = self._costs[b] = ([self.plain(b)], slope, self._corrections(b, slope))
+        costs, slope, corrections = table
         if len(costs) <= n - b:  # extended only as far as asked: most steps price small trees only
-            plain, slope = costs[0], self.slope(b)
-            corrections = self._corrections(b, slope)
+            plain = costs[0]
             for m in range(b + len(costs), n + 1):
                 i, w = self._bracket(m - b)
                 correction = corrections[i] if w == 0.0 else (1 - w) * corrections[i] + w * corrections[i + 1]
@@ -323,17 +325,20 @@ class CostModel:
 
         probs[s]: sequence s's candidate nodes' acceptance estimates, sorted descending (ancestors
         first). limits[s]: the most nodes s may keep (tree capacity, KV room). stretch: keep twice
-        as many nodes as pay, plus one (a stretch probe: the
-        forward's cost at a size the model would not choose, so that an overpriced size is found
-        out; see Engine._schedule).
+        as many nodes as pay, plus one (a stretch probe: the forward's cost at a size the model
+        would not choose, so that an overpriced size is found out; see Engine._schedule).
         """
         base = len(probs)
         merged = sorted(((p, s) for s, ps in enumerate(probs) for p in ps[:limits[s]]), reverse=True)
         merged = merged[:self.max_tokens - base]
+        b = self._batch(base)
+        self.cost(base + len(merged), base)  # the table as far as needed, read directly below:
+        costs = self._costs[b][0]  # cost(n, base) = costs[n - b], n at most max_tokens
+        top = self.max_tokens - b
         gain, best_k, best_rate = 0.0, 0, self._hurdle(base) * base / self.cost(base, base)
         for k, (p, _) in enumerate(merged, start=1):
             gain += p
-            rate = (base + gain) / self.cost(base + k, base)
+            rate = (base + gain) / costs[min(base + k - b, top)]
             if rate > best_rate:
                 best_rate, best_k = rate, k
         if stretch:

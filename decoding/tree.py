@@ -29,15 +29,26 @@ class NodeKind(NamedTuple):
         (next m2 s3 -> next m2), a lone detail goes (pld m2 -> pld), so that a failing sub-family
         (retrievals after a 1-token match) does not drag down untried siblings (the same after a
         long match) below what they would need to be proposed at all."""
-        if len(self.details) > 1:
-            return self._replace(details=self.details[:1])
-        return self._replace(details=()) if self.details else self
+        found = _COARSE.get(self)
+        if found is None:
+            found = _COARSE[self] = (self._replace(details=self.details[:1]) if len(self.details) > 1
+                                     else self._replace(details=()) if self.details else self)
+        return found
 
     def heated(self) -> "NodeKind":
-        return self._replace(hot=True)
+        found = _HEATED.get(self)
+        if found is None:
+            found = _HEATED[self] = self._replace(hot=True)
+        return found
 
     def __str__(self) -> str:
         return ("h." if self.hot else "") + ":".join((self.family, *self.details, str(self.depth)))
+
+
+# Kinds are few (families x detail buckets x depths) and asked for these on every node of every
+# step: made once each (a namedtuple's _replace costs more than the lookup of a step's nodes).
+_COARSE: dict[NodeKind, NodeKind] = {}
+_HEATED: dict[NodeKind, NodeKind] = {}
 
 
 @dataclass(slots=True)
