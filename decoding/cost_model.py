@@ -88,7 +88,7 @@ class CostModel:
       the start-up shape f and slope(B) a decayed least-squares fit (`decay` per step; a prior of
       1 that never decays, see SLOPE_PRIOR_X). It carries what one tree size teaches to all the
       others: a calibration whose shape is off by a factor is set right for sizes not yet tried.
-    - a correction at anchor sizes k = 1, 2, 4, ... (ANCHORS), interpolated linearly between them:
+    - a correction at anchor sizes k = 1, 2, ..., 6, 8, 10, ... (ANCHORS), interpolated linearly:
       the decayed mean of what steps near the anchor measured beyond slope x x (see
       ANCHOR_PRIOR_WEIGHT). It learns what no single factor can: a calibration timed on a busy
       machine is noise, flat or even falling where the true curve rises, and there x = 0 for small
@@ -107,8 +107,9 @@ class CostModel:
     Bound: after the first plain step at B (the engine makes a batch size's first step a plain
     one, see Engine.step), the cost of a tree size in use is within 10% of the truth after 8
     drafting steps at it, noise aside (an anchor's data then weigh 3.6, decay 0.75, against the
-    prior's 0.5), and a single outlying step moves it by at most OUTLIER_REACH of a plain step. A calibration 4x off in scale or by a factor in shape is set right everywhere
-    by the slope: the fake-clock tests show the choices right from the 12th step. One whose
+    prior's 0.5), and a single outlying step moves it by at most OUTLIER_REACH of a plain step.
+    A calibration 4x off in scale or by a factor in shape is set right everywhere by the slope:
+    the fake-clock tests show the choices right from the 12th step. One whose
     shape is noise (timed on a busy machine) is set right where trees are, and by the third
     stretch probe (the 48th step) the choices deliver within 3% of the best tokens per second.
     plain(B) follows a change of the machine's speed within 8 plain steps (0.7^8 x ln 4 < ln 1.1),
@@ -227,21 +228,26 @@ class CostModel:
             return [0.0] * len(self._anchors)
         return [(wy - slope * wx) / (ANCHOR_PRIOR_WEIGHT + w) for w, wy, wx in sums]
 
-    def cost(self, n_tokens: int, batch: int = 1) -> float:
-        b = self._batch(batch)
-        n = min(max(n_tokens, b), self.max_tokens)
+    def _table(self, b: int, n: int) -> list[float]:
+        """cost(m, b) for m = b..n at least (entry m - b), running max; extended only as far as
+        asked, since most steps price small trees only."""
         table = self._costs.get(b)
         if table is None:
             slope = self.slope(b)
             table = self._costs[b] = ([self.plain(b)], slope, self._corrections(b, slope))
         costs, slope, corrections = table
-        if len(costs) <= n - b:  # extended only as far as asked: most steps price small trees only
+        if len(costs) <= n - b:
             plain = costs[0]
             for m in range(b + len(costs), n + 1):
                 i, w = self._bracket(m - b)
                 correction = corrections[i] if w == 0.0 else (1 - w) * corrections[i] + w * corrections[i + 1]
                 costs.append(max(plain * (1 + slope * self._x(m, b) + correction), costs[-1]))
-        return costs[n - b]
+        return costs
+
+    def cost(self, n_tokens: int, batch: int = 1) -> float:
+        b = self._batch(batch)
+        n = min(max(n_tokens, b), self.max_tokens)
+        return self._table(b, n)[n - b]
 
     def observe(self, n_tokens: int, seconds: float, batch: int = 1) -> None:
         """One forward's seconds (the forward alone)."""
@@ -249,7 +255,6 @@ class CostModel:
         n = min(max(n_tokens, 1), self.max_tokens)
         if seconds <= 0:
             return
-        self._costs.clear()
         if n <= b:
             y = math.log(seconds)
             prior = self._log_plain[b]
@@ -259,6 +264,7 @@ class CostModel:
                 prior = math.log(self.plain(b)) if self._nearest(b, self._log_plain) is not None else y
             self._log_plain[b] = prior + self.alpha * (y - prior)
             self._plain_seen[b] += 1
+            self._costs.clear()  # every size's price follows plain(B), and other sizes borrow it
             return
         if self._log_plain[b] is None:
             return  # no plain step measured at this size yet: nothing to measure drafts against
@@ -284,7 +290,7 @@ class CostModel:
                 sums[0] = sums[0] * aged + weight
                 sums[1] = sums[1] * aged + weight * y
                 sums[2] = sums[2] * aged + weight * x
-        self._costs.clear()  # priced before this step (for `expected`): price again
+        self._costs.clear()  # priced before this step's data: price again
         self._draft_seen[b] += 1
 
     def settle(self, batch: int, tokens: int, seconds: float, drafted: bool) -> None:
@@ -331,14 +337,13 @@ class CostModel:
         base = len(probs)
         merged = sorted(((p, s) for s, ps in enumerate(probs) for p in ps[:limits[s]]), reverse=True)
         merged = merged[:self.max_tokens - base]
+        # cost(base + k, base) for every k at once (base + len(merged) <= max_tokens)
         b = self._batch(base)
-        self.cost(base + len(merged), base)  # the table as far as needed, read directly below:
-        costs = self._costs[b][0]  # cost(n, base) = costs[n - b], n at most max_tokens
-        top = self.max_tokens - b
+        costs = self._table(b, base + len(merged))
         gain, best_k, best_rate = 0.0, 0, self._hurdle(base) * base / self.cost(base, base)
         for k, (p, _) in enumerate(merged, start=1):
             gain += p
-            rate = (base + gain) / costs[min(base + k - b, top)]
+            rate = (base + gain) / costs[base + k - b]
             if rate > best_rate:
                 best_rate, best_k = rate, k
         if stretch:

@@ -7,6 +7,7 @@ Node 0 is the root (the next token, already decided); every other node's parent 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -24,31 +25,24 @@ class NodeKind(NamedTuple):
     depth: int
     hot: bool = False
 
+    # Both are asked for on every node of every step, and kinds are few (families x detail
+    # buckets x depths): each is made once (functools.cache) instead of by a namedtuple _replace.
+    @functools.cache
     def coarse(self) -> "NodeKind":
         """The kind without its finer details: the first detail stays when there are several
         (next m2 s3 -> next m2), a lone detail goes (pld m2 -> pld), so that a failing sub-family
         (retrievals after a 1-token match) does not drag down untried siblings (the same after a
         long match) below what they would need to be proposed at all."""
-        found = _COARSE.get(self)
-        if found is None:
-            found = _COARSE[self] = (self._replace(details=self.details[:1]) if len(self.details) > 1
-                                     else self._replace(details=()) if self.details else self)
-        return found
+        if len(self.details) > 1:
+            return self._replace(details=self.details[:1])
+        return self._replace(details=()) if self.details else self
 
+    @functools.cache
     def heated(self) -> "NodeKind":
-        found = _HEATED.get(self)
-        if found is None:
-            found = _HEATED[self] = self._replace(hot=True)
-        return found
+        return self._replace(hot=True)
 
     def __str__(self) -> str:
         return ("h." if self.hot else "") + ":".join((self.family, *self.details, str(self.depth)))
-
-
-# Kinds are few (families x detail buckets x depths) and asked for these on every node of every
-# step: made once each (a namedtuple's _replace costs more than the lookup of a step's nodes).
-_COARSE: dict[NodeKind, NodeKind] = {}
-_HEATED: dict[NodeKind, NodeKind] = {}
 
 
 @dataclass(slots=True)
