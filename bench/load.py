@@ -98,6 +98,10 @@ def merge(parts: list[dict]) -> dict:
     counted = [p for p in parts if p.get("steps")]
     steps = sum(p["steps"] for p in counted)
     row["attention_calls_per_step"] = (sum(p["attention_calls"] for p in counted) / steps) if steps else None
+    # Decoding steps and their mean time, from the server's counters: a gap between two servers
+    # is then either slower steps or more of them (smaller batches).
+    row["decode_steps"] = steps or None
+    row["ms_per_step"] = 1000 * sum(p.get("step_seconds", 0) for p in counted) / steps if steps else None
     return row
 
 
@@ -106,7 +110,8 @@ def engine_counters(url: str) -> dict[str, float]:
     text = httpx.get(url + "/metrics", timeout=30).text
     out = {}
     for line in text.splitlines():
-        for name in ("logitspec_decode_steps_total", "logitspec_decode_attention_calls_total"):
+        for name in ("logitspec_decode_steps_total", "logitspec_decode_attention_calls_total",
+                     "logitspec_spec_decode_step_seconds_total"):
             if line.startswith(name + " "):
                 out[name] = float(line.split()[1])
     return out
@@ -117,10 +122,12 @@ def measured_level(url: str, prompts: list[str], clients: int, per_client: int, 
     before = engine_counters(url)
     part = asyncio.run(run_level(url, prompts, clients, per_client, max_tokens, speculative))
     after = engine_counters(url)
-    if len(before) == len(after) == 2:
+    if "logitspec_decode_steps_total" in before and "logitspec_decode_attention_calls_total" in before:
         part["steps"] = after["logitspec_decode_steps_total"] - before["logitspec_decode_steps_total"]
         part["attention_calls"] = (after["logitspec_decode_attention_calls_total"]
                                    - before["logitspec_decode_attention_calls_total"])
+        part["step_seconds"] = (after.get("logitspec_spec_decode_step_seconds_total", 0)
+                                - before.get("logitspec_spec_decode_step_seconds_total", 0))
     return part
 
 
@@ -218,7 +225,9 @@ def run_levels(servers: dict[str, str], prompts: list[str], levels: list[int], a
                   f"{'on ' if spec else 'off'}: {row['tokens_per_s']:6.1f} tok/s "
                   f"aggregate, TTFT p50 {row['ttft_p50'] * 1000:6.0f} ms p95 {row['ttft_p95'] * 1000:6.0f} ms, "
                   f"ITL p50 {row['itl_p50'] * 1000:5.1f} ms p95 {row['itl_p95'] * 1000:5.1f} ms, attention calls/step "
-                  f"{'-' if calls is None else f'{calls:.0f}'} ({row['requests']} requests, {row['tokens']} tokens)",
+                  f"{'-' if calls is None else f'{calls:.0f}'}, "
+                  + (f"{row['decode_steps']:.0f} steps of {row['ms_per_step']:.1f} ms " if row["ms_per_step"] else "")
+                  + f"({row['requests']} requests, {row['tokens']} tokens)",
                   flush=True)
     return rows
 

@@ -441,10 +441,16 @@ def test_exception_in_one_sequence_fails_it_alone(fault_engine):
     assert fault_engine.cache.used_slots == 0
 
 
-def test_non_finite_logits_fail_one_sequence(fault_engine):
+@pytest.mark.parametrize("value,where", [("nan", "row"), ("nan", "one"), ("inf", "one"), ("-inf", "one")])
+def test_non_finite_logits_fail_one_sequence(fault_engine, value, where):
+    """A whole row gone bad, or one value in it (the step checks every row at once by its
+    extremes: a NaN or an infinity anywhere in a row must still fail that sequence alone)."""
     def hook(seq, rows):
         if seq.prompt == PROMPTS[0] and len(seq.output) >= 2:
-            rows[:] = float("nan")
+            if where == "row":
+                rows[:] = float(value)
+            else:
+                rows[:, 7] = float(value)
 
     fault_engine.fault_hook = hook
     seqs = run_batch(fault_engine, PROMPTS)
