@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 
 from decoding.specbench import DEFAULT_DATA, read_questions  # noqa: E402
 
-# The first question of each of these Spec-Bench categories, as in bench/hf_baseline.py.
+# The first question of each of these Spec-Bench categories, as in bench/peers.py.
 CATEGORIES = ("writing", "coding", "math_reasoning", "summarization", "rag", "translation", "qa", "extraction")
 
 
