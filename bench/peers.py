@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import sys
 import time
 from pathlib import Path
@@ -32,24 +31,12 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from decoding.calibration_cache import processor_name  # noqa: E402
 from decoding.config import EngineConfig  # noqa: E402
 from decoding.engine import Engine  # noqa: E402
 from decoding.loader import default_model_path, load  # noqa: E402
-from decoding.specbench import DEFAULT_DATA, read_questions  # noqa: E402
+from decoding.specbench import PEER_CATEGORIES, peer_prompts  # noqa: E402
 from decoding.verify import SamplingParams  # noqa: E402
-
-CATEGORIES = ("writing", "coding", "math_reasoning", "summarization", "rag", "translation", "qa", "extraction")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def llama_cpp_runners(gguf: Path, threads: int, max_new: int, stops: set[int]) -> dict:
     """llama.cpp plain and with prompt lookup, or {} (with a line on stderr) when not installed."""
@@ -106,16 +93,13 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="also write the table here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    first = {}
-    for q in read_questions(DEFAULT_DATA):
-        first.setdefault(q["category"], q)
     loaded = load(None)
     engines, model = {}, None
     for m in ("ar", "pld", "logitspec"):
         engines[m] = Engine(EngineConfig(method=m, dtype=args.dtype), loaded=loaded, model=model)
         model = engines[m].model
     ar = engines["ar"]
-    prompts = [ar.chat_prompt([{"role": "user", "content": first[c]["turns"][0]}]) for c in CATEGORIES]
+    prompts = [ar.chat_prompt([{"role": "user", "content": text}]) for text in peer_prompts()]
     stops = set(ar.stop_ids)
     eos = loaded.tokenizer.eos_token_id
 
@@ -142,8 +126,8 @@ def main() -> int:
     rate = {name: tokens / seconds for name, (tokens, seconds) in totals.items()}
     base = rate.get("llama.cpp plain")
     ref = outputs["logitspec ar"]
-    print(f"{len(prompts)} Spec-Bench prompts (first of {', '.join(CATEGORIES)}), {args.max_new_tokens} new tokens, "
-          f"greedy, {args.threads} threads; CPU: {cpu_name()} ({torch.backends.cpu.get_cpu_capability()}); "
+    print(f"{len(prompts)} Spec-Bench prompts (first of {', '.join(PEER_CATEGORIES)}), {args.max_new_tokens} new tokens, "
+          f"greedy, {args.threads} threads; CPU: {processor_name()} ({torch.backends.cpu.get_cpu_capability()}); "
           f"ours at {str(ar.dtype).replace('torch.', '')}")
     print(f"{'system':<28} {'tok/s':>7} {'vs llama.cpp':>13} {'vs our ar':>10} {'same as our ar':>15}")
     rows = []
@@ -156,7 +140,7 @@ def main() -> int:
                      "tok_s": round(rate[name], 2), "same_as_ar": same})
     if args.json:
         args.json.write_text(json.dumps({"prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
-                                         "threads": args.threads, "cpu": cpu_name(), "rows": rows}, indent=1))
+                                         "threads": args.threads, "cpu": processor_name(), "rows": rows}, indent=1))
     return 0
 
 

@@ -33,17 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from decoding.specbench import DEFAULT_DATA, read_questions  # noqa: E402
-
-# The first question of each of these Spec-Bench categories, as in bench/peers.py.
-CATEGORIES = ("writing", "coding", "math_reasoning", "summarization", "rag", "translation", "qa", "extraction")
-
-
-def prompts() -> list[str]:
-    first = {}
-    for q in read_questions(DEFAULT_DATA):
-        first.setdefault(q["category"], q["turns"][0])
-    return [first[c] for c in CATEGORIES]
+from decoding.specbench import peer_prompts  # noqa: E402
 
 
 def scrape(http: httpx.Client) -> dict[str, float]:
@@ -135,7 +125,7 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    texts = prompts()
+    texts = peer_prompts()
     server, url = None, args.url
     if url is None:
         from server_process import ServerProcess

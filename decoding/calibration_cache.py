@@ -26,7 +26,8 @@ from decoding.loader import LoadedModel, cache_root
 FORMAT = 1  # bump when what a calibration measures changes, so older entries are ignored
 
 
-def _processor() -> str:
+def processor_name() -> str:
+    """The CPU's model name (what benchmarks print and calibrations are keyed by)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -53,7 +54,7 @@ def calibration_key(loaded: LoadedModel, device: torch.device, dtype: torch.dtyp
         "dtype": str(dtype).replace("torch.", ""),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
-        "processor": _processor(),
+        "processor": processor_name(),
         "torch": torch.__version__,
         "sizes": list(sizes),
         "past": past,

@@ -22,6 +22,19 @@ from decoding.verify import SamplingParams
 DEFAULT_DATA = Path(__file__).resolve().parent.parent / "data" / "spec_bench" / "question.jsonl"
 
 
+# The peer prompt set (DEVELOPERS.md): the first question of each of these categories.
+PEER_CATEGORIES = ("writing", "coding", "math_reasoning", "summarization", "rag", "translation", "qa",
+                   "extraction")
+
+
+def peer_prompts(path: Path = DEFAULT_DATA) -> list[str]:
+    """The first turn of the first question of each PEER_CATEGORIES category, in that order."""
+    first: dict[str, str] = {}
+    for q in read_questions(path):
+        first.setdefault(q["category"], q["turns"][0])
+    return [first[c] for c in PEER_CATEGORIES]
+
+
 def read_questions(path: Path, per_category: int | None = None) -> list[dict]:
     questions, seen = [], defaultdict(int)
     for line_no, line in enumerate(path.read_text().splitlines(), 1):

@@ -64,7 +64,7 @@ def test_a_different_key_or_recalibrate_measures_again(tiny_loaded, cache, forwa
     if change == "tree_capacity":
         config["tree_capacity"] = 16
     elif change == "processor":
-        monkeypatch.setattr(calibration_cache, "_processor", lambda: "Another CPU")
+        monkeypatch.setattr(calibration_cache, "processor_name", lambda: "Another CPU")
     elif change == "dtype":
         config["dtype"], model = "bfloat16", None
     elif change == "runner":
