@@ -135,6 +135,13 @@ class StepPlan:
     drafted: float  # ... and when its trees were ready
 
 
+def row_summary(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
+    """Each row's greedy token (argmax's, first of ties) and whether it is finite, in one pass: a
+    row holding a NaN has a NaN maximum; one holding an infinity, an infinite extreme."""
+    peak, best = logits.max(-1)
+    return best.tolist(), (torch.isfinite(peak) & torch.isfinite(logits.amin(-1))).tolist()
+
+
 class Verified(NamedTuple):
     """One sequence's share of a verification forward: its tree as verified and its logits rows,
     with each row's greedy token and whether the row is finite, found for the whole forward at
@@ -666,12 +673,9 @@ class Engine:
             logger.warning("a forward of %d sequences failed (%s): retrying them one at a time",
                            len(seqs), type(e).__name__)
             return [r for s, t in zip(seqs, trees) for r in self._forward_chunk([s], [t])]
-        # Each row's greedy token and finiteness in one pass over the whole forward, not in two
-        # small parallel ops per sequence (they were 5% of a 16-sequence step in a busy server).
-        # A row holding a NaN has a NaN maximum; one holding an infinity, an infinite extreme.
-        peak, best = logits.max(-1)
-        finite = (torch.isfinite(peak) & torch.isfinite(logits.amin(-1))).tolist()
-        best = best.tolist()
+        # Once over the whole forward, not in two small parallel ops per sequence (they were 5% of
+        # a 16-sequence step in a busy server).
+        best, finite = row_summary(logits)
         out, start = [], 0
         for tree in trees:
             end = start + len(tree)
@@ -706,8 +710,10 @@ class Engine:
 
     def _accept(self, seq: Sequence, tree: DraftTree, logits: torch.Tensor, best: list[int] | None = None,
                 finite: list[bool] | None = None) -> list[int]:
-        """best, finite: each row's argmax and finiteness, when the forward found them already."""
-        raw = logits  # the model's rows, for the finiteness check (masked rows hold -inf on purpose)
+        """best, finite: each row's argmax and finiteness (row_summary), when the forward found them
+        already. The finiteness is of the model's rows: masked rows hold -inf on purpose."""
+        if finite is None:
+            best, finite = row_summary(logits)
         if seq.constraint is not None:
             best = None  # the argmax of the constrained rows, found below
             # The constrained target: every row masked at its node's grammar state. From here on
@@ -725,8 +731,7 @@ class Engine:
                 path, next_token = verify_coupled(tree, logits, seq.params, seq.seed, seq.past_len)
             else:
                 path, next_token = verify_sampling(tree, logits, seq.params, seq.generator)
-        # the rows this step's tokens came from
-        if not (all(finite[i] for i in path) if finite is not None else torch.isfinite(raw[path]).all()):
+        if not all(finite[i] for i in path):  # the rows this step's tokens came from
             raise NonFiniteLogits("non-finite logits")
         if len(tree) > 1:
             self.stats.record(tree, path)
