@@ -116,11 +116,15 @@ class CostModel:
     and the engine makes 8 of its first 32 steps at a batch size plain, then one in PROBE_EVERY.
 
     What the forward costs is only half of whether drafting pays: the realised loop (`settle`)
-    compares whole steps, drafting included, as they ran. Per batch size it keeps the tokens per
-    second of recent drafting steps against the plain steps', and where drafting delivered less,
-    it raises a back-off margin: a draft must then promise that much more than plain decoding to
-    be chosen. The back-off falls again where drafting delivers more, and decays on plain steps,
-    so drafting is tried again after a while.
+    compares whole steps, drafting included, as they ran. Per batch size and per band of draft
+    sizes (BACKOFF_BANDS) it keeps the tokens per second of recent drafting steps against the
+    plain steps', and where drafting delivered less, it raises that band's back-off margin: a
+    draft of that size must then promise that much more than plain decoding to be chosen. The
+    back-off falls again where drafting delivers more, and decays on every step that does not
+    draft in its band, so drafting there is tried again after a while. Bands, because what a
+    loss says depends on the size that lost: a cold start prices unseen node kinds at the prior
+    and drafts a large tree or two that do not pay; that must not keep out the small trees that
+    cost next to nothing (one 64-node loss had held a whole short answer to plain decoding).
     """
 
     def __init__(self, calibration: dict[int, float], max_tokens: int, max_batch: int = 1, alpha: float = 0.3,
@@ -155,9 +159,10 @@ class CostModel:
         self._costs: dict[int, tuple[list[float], float, list[float]]] = {}
         # the realised loop (settle): per batch size
         self._plain_step = [0.0] * size  # seconds of a whole plain step (EWMA), 0 = none
-        self._draft_tokens = [0.0] * size  # decayed sums over recent drafting steps
-        self._draft_seconds = [0.0] * size
-        self._backoff = [0.0] * size
+        bands = len(BACKOFF_BANDS) + 1
+        self._draft_tokens = [[0.0] * bands for _ in range(size)]  # per band: decayed sums over
+        self._draft_seconds = [[0.0] * bands for _ in range(size)]  # recent drafting steps
+        self._backoff = [[0.0] * bands for _ in range(size)]
 
     def _base(self, b: int) -> float:
         return self._shape[min(b, self.max_tokens)]
@@ -293,38 +298,47 @@ class CostModel:
         self._costs.clear()  # priced before this step's data: price again
         self._draft_seen[b] += 1
 
-    def settle(self, batch: int, tokens: int, seconds: float, drafted: bool) -> None:
-        """A whole step as it ran (drafting, forward, verification): tokens emitted over seconds."""
+    def settle(self, batch: int, tokens: int, seconds: float, draft_tokens: int) -> None:
+        """A whole step as it ran (drafting, forward, verification): tokens emitted over seconds,
+        after a forward of batch + draft_tokens tokens (0: a plain step)."""
         b = self._batch(batch)
         if seconds <= 0:
             return
-        if not drafted:
+        # every step ages every band's drafting record, so that rare drafting steps are judged by
+        # themselves, not by drafting steps from a busier time
+        band = _band(draft_tokens) if draft_tokens > 0 else -1
+        if band < 0:
             p = self._plain_step[b]
             self._plain_step[b] = seconds if not p else p + 0.2 * (seconds - p)
-            self._backoff[b] *= BACKOFF_RELAX
-            # the drafting record ages with every step, so that rare drafting steps are judged by
-            # themselves, not by drafting steps from a busier time
-            self._draft_tokens[b] *= DRAFT_DECAY
-            self._draft_seconds[b] *= DRAFT_DECAY
+        tokens_rec, seconds_rec, backoff = self._draft_tokens[b], self._draft_seconds[b], self._backoff[b]
+        for j in range(len(backoff)):
+            tokens_rec[j] *= DRAFT_DECAY
+            seconds_rec[j] *= DRAFT_DECAY
+            if j != band:
+                backoff[j] *= BACKOFF_RELAX
+        if band < 0:
             return
-        self._draft_tokens[b] = self._draft_tokens[b] * DRAFT_DECAY + tokens
-        self._draft_seconds[b] = self._draft_seconds[b] * DRAFT_DECAY + seconds
+        tokens_rec[band] += tokens
+        seconds_rec[band] += seconds
         plain = self._plain_step[b] or self.cost(b, b)
-        shortfall = (b / plain) / (self._draft_tokens[b] / self._draft_seconds[b]) - 1.0
-        self._backoff[b] = min(max(self._backoff[b] + BACKOFF_GAIN * shortfall, 0.0), MAX_BACKOFF)
+        shortfall = (b / plain) / (tokens_rec[band] / seconds_rec[band]) - 1.0
+        backoff[band] = min(max(backoff[band] + BACKOFF_GAIN * shortfall, 0.0), MAX_BACKOFF)
 
-    def backoff(self, batch: int = 1) -> float:
-        """The realised loop's extra margin at this batch size (0: drafting delivers)."""
-        return self._backoff[self._batch(batch)]
+    def backoff(self, batch: int = 1, draft_tokens: int = 1) -> float:
+        """The realised loop's extra margin at this batch size for drafts of this many tokens
+        (0: drafting of that size delivers)."""
+        return self._backoff[self._batch(batch)][_band(draft_tokens)]
 
-    def _hurdle(self, batch: int) -> float:
-        return 1.0 + self.margin + self.backoff(batch)
+    def _hurdles(self, batch: int) -> list[float]:
+        """Per band: how much more than plain decoding a draft must promise."""
+        return [1.0 + self.margin + x for x in self._backoff[self._batch(batch)]]
 
     def break_even(self, batch: int = 1, max_nodes: int = 16) -> float:
         """The least acceptance probability at which draft nodes could pay at this batch size: below
         it, k nodes accepted with that probability each never beat a plain step, whatever k."""
-        plain = self.cost(batch, batch) / self._hurdle(batch)
-        return min(batch * (self.cost(batch + k, batch) / plain - 1.0) / k for k in range(1, max_nodes + 1))
+        plain, hurdles = self.cost(batch, batch), self._hurdles(batch)
+        return min(batch * (self.cost(batch + k, batch) * hurdles[_band(k)] / plain - 1.0) / k
+                   for k in range(1, max_nodes + 1))
 
     def choose(self, probs: list[list[float]], limits: list[int], stretch: bool = False) -> list[int]:
         """How many draft nodes each sequence keeps.
@@ -340,10 +354,12 @@ class CostModel:
         # cost(base + k, base) for every k at once (base + len(merged) <= max_tokens)
         b = self._batch(base)
         costs = self._table(b, base + len(merged))
-        gain, best_k, best_rate = 0.0, 0, self._hurdle(base) * base / self.cost(base, base)
+        hurdles = self._hurdles(base)
+        # a draft's promised tokens per second, over its band's hurdle, against plain decoding's
+        gain, best_k, best_rate = 0.0, 0, base / self.cost(base, base)
         for k, (p, _) in enumerate(merged, start=1):
             gain += p
-            rate = (base + gain) / costs[base + k - b]
+            rate = (base + gain) / costs[base + k - b] / hurdles[_band(k)]
             if rate > best_rate:
                 best_rate, best_k = rate, k
         if stretch:
@@ -384,6 +400,12 @@ DRAFT_DECAY = 0.9
 BACKOFF_GAIN = 0.5
 BACKOFF_RELAX = 0.97
 MAX_BACKOFF = 2.0
+# ... kept apart for drafts of up to 4, 16 and 64 tokens in the forward, and more.
+BACKOFF_BANDS = (4, 16, 64)
+
+
+def _band(draft_tokens: int) -> int:
+    return bisect.bisect_left(BACKOFF_BANDS, draft_tokens)
 
 
 def ranked_nodes(tree: DraftTree, probs: list[float]) -> list[int]:

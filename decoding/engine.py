@@ -569,7 +569,7 @@ class Engine:
                 self.plain_ratio = ratio if self.plain_ratio is None else 0.8 * self.plain_ratio + 0.2 * ratio
             # the forward alone (with the acceptance that follows it, as a step pays it)
             self.cost.observe(tokens, ended - plan.drafted - run.mask_seconds, len(seqs))
-            self.cost.settle(len(seqs), sum(len(e) for e in emitted.values()), ended - plan.started, drafted)
+            self.cost.settle(len(seqs), sum(len(e) for e in emitted.values()), ended - plan.started, tokens - len(seqs))
         tm = self.times
         tm.draft += plan.drafted - plan.started
         tm.forward += run.seconds

@@ -78,16 +78,16 @@ def test_realised_loop_backs_off_when_drafting_delivers_less():
     drafted, and falls again on plain steps."""
     c = CostModel({1: 1.0, 2: 1.1, 64: 7.3}, max_tokens=64)
     assert c.choose([[0.3]], [1]) == [1]  # 1.3 / 1.1: +18% predicted
-    c.settle(1, 1, 1.0, drafted=False)  # plain: 1 token per second
+    c.settle(1, 1, 1.0, draft_tokens=0)  # plain: 1 token per second
     for _ in range(3):
-        c.settle(1, 1, 1.2, drafted=True)  # drafting: 0.83 tokens per second
+        c.settle(1, 1, 1.2, draft_tokens=1)  # drafting: 0.83 tokens per second
     assert c.backoff() > 0.2
     assert c.choose([[0.3]], [1]) == [0]
     for _ in range(100):
-        c.settle(1, 1, 1.0, drafted=False)
+        c.settle(1, 1, 1.0, draft_tokens=0)
     assert c.backoff() < 0.02 and c.choose([[0.3]], [1]) == [1]
     for _ in range(20):
-        c.settle(1, 3, 1.5, drafted=True)  # drafting pays: 2 tokens per second
+        c.settle(1, 3, 1.5, draft_tokens=1)  # drafting pays: 2 tokens per second
     assert c.backoff() == 0.0
 
 
@@ -97,16 +97,34 @@ def test_realised_loop_forgets_a_busy_start():
     its recent steps, not by the busy ones (a loaded bench start kept pld's back-off up for a
     whole run when only drafting steps aged the drafting record)."""
     c = CostModel({1: 1.0, 2: 1.1, 64: 7.3}, max_tokens=64)
-    c.settle(1, 1, 0.2, drafted=False)  # busy: 5 tokens/s plain
+    c.settle(1, 1, 0.2, draft_tokens=0)  # busy: 5 tokens/s plain
     for _ in range(10):
-        c.settle(1, 1, 0.4, drafted=True)  # busy: drafting at 2.5 tokens/s
+        c.settle(1, 1, 0.4, draft_tokens=1)  # busy: drafting at 2.5 tokens/s
     assert c.backoff() == 2.0
     for step in range(120):  # quiet: plain at 20 tokens/s, a drafting step now and then at 33
         if step % 10 == 9:
-            c.settle(1, 2, 0.06, drafted=True)
+            c.settle(1, 2, 0.06, draft_tokens=1)
         else:
-            c.settle(1, 1, 0.05, drafted=False)
+            c.settle(1, 1, 0.05, draft_tokens=0)
     assert c.backoff() < 0.05
+
+
+def test_a_large_tree_that_lost_does_not_keep_small_ones_out():
+    """A cold start drafts a 64-node tree or two (unseen node kinds are priced at the prior) that
+    deliver no more than a plain step at three times its cost. That backs off drafts of that size,
+    not the small ones that cost next to nothing (a short translation answer stayed plain for 25
+    steps after one such loss, when the back-off was one number per batch size)."""
+    c = CostModel({1: 1.0, 8: 1.05, 64: 3.0}, max_tokens=64)
+    small = [[0.05] * 6]  # 6 nodes, 0.3 tokens for a 5% dearer forward
+    assert c.choose(small, [6]) == [6]
+    c.settle(1, 1, 1.0, draft_tokens=0)
+    for _ in range(2):
+        c.settle(1, 2, 3.0, draft_tokens=63)  # 2 tokens in 3 plain steps' time
+    assert c.backoff(1, 63) >= 0.5
+    assert c.backoff(1, 6) < 0.01 and c.choose(small, [6]) == [6]
+    # the large trees' band stays backed off: 63 nodes at 0.1 (2.4x plain's rate) lose to 16 (1.9x)
+    assert c.choose([[0.1] * 63], [63]) == [16]
+    assert c.break_even(1) < 0.01
 
 
 @pytest.mark.parametrize("calibration", ["4x scale", "4x flat shape", "4x steep shape"])
