@@ -35,8 +35,9 @@ from decoding.calibration_cache import processor_name  # noqa: E402
 from decoding.config import EngineConfig  # noqa: E402
 from decoding.engine import Engine  # noqa: E402
 from decoding.loader import default_model_path, load  # noqa: E402
-from decoding.specbench import PEER_CATEGORIES, peer_prompts  # noqa: E402
+from decoding.specbench import PEER_CATEGORIES, first_turns  # noqa: E402
 from decoding.verify import SamplingParams  # noqa: E402
+
 
 def llama_cpp_runners(gguf: Path, threads: int, max_new: int, stops: set[int]) -> dict:
     """llama.cpp plain and with prompt lookup, or {} (with a line on stderr) when not installed."""
@@ -99,7 +100,7 @@ def main() -> int:
         engines[m] = Engine(EngineConfig(method=m, dtype=args.dtype), loaded=loaded, model=model)
         model = engines[m].model
     ar = engines["ar"]
-    prompts = [ar.chat_prompt([{"role": "user", "content": text}]) for text in peer_prompts()]
+    prompts = [ar.chat_prompt([{"role": "user", "content": text}]) for text in first_turns()]
     stops = set(ar.stop_ids)
     eos = loaded.tokenizer.eos_token_id
 

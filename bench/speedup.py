@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tests"))
 
-from decoding.specbench import peer_prompts  # noqa: E402
+from decoding.specbench import first_turns  # noqa: E402
 
 
 def scrape(http: httpx.Client) -> dict[str, float]:
@@ -125,7 +125,7 @@ def main() -> int:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",")]
-    texts = peer_prompts()
+    texts = first_turns()
     server, url = None, args.url
     if url is None:
         from server_process import ServerProcess

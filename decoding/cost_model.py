@@ -304,12 +304,12 @@ class CostModel:
         b = self._batch(batch)
         if seconds <= 0:
             return
-        # every step ages every band's drafting record, so that rare drafting steps are judged by
-        # themselves, not by drafting steps from a busier time
-        band = _band(draft_tokens) if draft_tokens > 0 else -1
+        band = _band(draft_tokens) if draft_tokens > 0 else -1  # -1: a plain step
         if band < 0:
             p = self._plain_step[b]
             self._plain_step[b] = seconds if not p else p + 0.2 * (seconds - p)
+        # every step ages every band's drafting record, so that rare drafting steps are judged by
+        # themselves, not by drafting steps from a busier time
         tokens_rec, seconds_rec, backoff = self._draft_tokens[b], self._draft_seconds[b], self._backoff[b]
         for j in range(len(backoff)):
             tokens_rec[j] *= DRAFT_DECAY

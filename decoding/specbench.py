@@ -27,12 +27,13 @@ PEER_CATEGORIES = ("writing", "coding", "math_reasoning", "summarization", "rag"
                    "extraction")
 
 
-def peer_prompts(path: Path = DEFAULT_DATA) -> list[str]:
-    """The first turn of the first question of each PEER_CATEGORIES category, in that order."""
+def first_turns(categories: tuple[str, ...] = PEER_CATEGORIES, path: Path = DEFAULT_DATA) -> list[str]:
+    """The first turn of the first question of each category, in that order (PEER_CATEGORIES: the
+    peer prompt set)."""
     first: dict[str, str] = {}
     for q in read_questions(path):
         first.setdefault(q["category"], q["turns"][0])
-    return [first[c] for c in PEER_CATEGORIES]
+    return [first[c] for c in categories]
 
 
 def read_questions(path: Path, per_category: int | None = None) -> list[dict]:

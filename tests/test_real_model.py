@@ -8,7 +8,7 @@ import torch
 from scipy.stats import chisquare
 
 from decoding.model import SeqBatchEntry
-from decoding.specbench import DEFAULT_DATA, read_questions
+from decoding.specbench import first_turns
 from decoding.verify import SamplingParams, processed_probs, verify_sampling
 
 pytestmark = pytest.mark.slow
@@ -17,10 +17,7 @@ CATEGORIES = ("coding", "summarization", "translation")
 
 
 def prompts(engine):
-    chosen = {}
-    for q in read_questions(DEFAULT_DATA):
-        chosen.setdefault(q["category"], q)
-    return [engine.chat_prompt([{"role": "user", "content": chosen[c]["turns"][0]}]) for c in CATEGORIES]
+    return [engine.chat_prompt([{"role": "user", "content": text}]) for text in first_turns(CATEGORIES)]
 
 
 @pytest.fixture(scope="module")
