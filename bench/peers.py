@@ -11,11 +11,13 @@ each request's prefill. A peer that is not installed is left out with a line say
 them with `pip install -e '.[peers]'` (llama-cpp-python compiles llama.cpp: about 13 minutes on
 2 cores).
 
-    python bench/peers.py [--max-new-tokens 128] [--threads 2] [--dtype float32] [--json out.json]
+    python bench/peers.py [--max-new-tokens 128] [--threads 2] [--dtype auto,gguf] [--json out.json]
 
-It prints one table: tokens/s, the ratio to llama.cpp plain and to our ar, and how many outputs
-equal our ar's token for token (llama.cpp computes with the GGUF's quantized blocks, so its
-outputs may differ from ours where two tokens are nearly tied).
+--dtype takes our engine's numerics, several separated by commas: each gets its ar, pld and
+logitspec. It prints one table: tokens/s, the ratio to llama.cpp plain and to our first ar, and
+how many outputs equal a reference token for token: our ar at the same numerics for our methods,
+our gguf ar (the same weights) or else our first ar for llama.cpp, our float32 ar for transformers.
+Outputs at other numerics may differ where two tokens are nearly tied.
 """
 
 from __future__ import annotations
@@ -89,17 +91,22 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--max-new-tokens", type=int, default=128)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--dtype", default="auto", help="our engine's --dtype")
+    ap.add_argument("--dtype", default="auto", help="our engine's --dtype; several separated by commas")
     ap.add_argument("--no-transformers", action="store_true", help="leave transformers out (it is slow)")
     ap.add_argument("--json", type=Path, help="also write the table here")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     loaded = load(None)
-    engines, model = {}, None
-    for m in ("ar", "pld", "logitspec"):
-        engines[m] = Engine(EngineConfig(method=m, dtype=args.dtype), loaded=loaded, model=model)
-        model = engines[m].model
-    ar = engines["ar"]
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    engines: dict[str, Engine] = {}  # "ours <dtype> <method>"
+    for dtype in dtypes:
+        model = None
+        for m in ("ar", "pld", "logitspec"):
+            engine = Engine(EngineConfig(method=m, dtype=dtype, threads=args.threads), loaded=loaded, model=model)
+            engines[f"ours {dtype} {m}"] = engine
+            model = engine.model
+    first_ar = f"ours {dtypes[0]} ar"
+    ar = engines[first_ar]
     prompts = [ar.chat_prompt([{"role": "user", "content": text}]) for text in first_turns()]
     stops = set(ar.stop_ids)
     eos = loaded.tokenizer.eos_token_id
@@ -107,9 +114,8 @@ def main() -> int:
     runners = llama_cpp_runners(default_model_path(), args.threads, args.max_new_tokens, stops)
     if not args.no_transformers:
         runners.update(transformers_runners(loaded.folder, args.max_new_tokens, eos))
-    runners.update({f"logitspec {m}": (lambda p, m=m: engines[m].generate(p, SamplingParams(),
-                                                                       args.max_new_tokens).output)
-                    for m in engines})
+    runners.update({name: (lambda p, e=e: e.generate(p, SamplingParams(), args.max_new_tokens).output)
+                    for name, e in engines.items()})
     for run in runners.values():  # warm-up: first-call allocations and kernel selection
         run(prompts[0][:32])
     totals = {name: [0, 0.0] for name in runners}
@@ -126,19 +132,24 @@ def main() -> int:
 
     rate = {name: tokens / seconds for name, (tokens, seconds) in totals.items()}
     base = rate.get("llama.cpp plain")
-    ref = outputs["logitspec ar"]
     print(f"{len(prompts)} Spec-Bench prompts (first of {', '.join(PEER_CATEGORIES)}), {args.max_new_tokens} new tokens, "
           f"greedy, {args.threads} threads; CPU: {processor_name()} ({torch.backends.cpu.get_cpu_capability()}); "
-          f"ours at {str(ar.dtype).replace('torch.', '')}")
-    print(f"{'system':<28} {'tok/s':>7} {'vs llama.cpp':>13} {'vs our ar':>10} {'same as our ar':>15}")
+          f"ours: " + "; ".join(f"{d} = {engines[f'ours {d} ar'].numerics}" for d in dtypes))
+    print(f"{'system':<28} {'tok/s':>7} {'vs llama.cpp':>13} {'vs ' + first_ar:>18} {'same as':>27}")
     rows = []
     for name in runners:
-        same = sum(a == b for a, b in zip(outputs[name], ref))
+        if name.startswith("ours "):
+            ref = name.rsplit(" ", 1)[0] + " ar"
+        elif name.startswith("llama.cpp"):
+            ref = "ours gguf ar" if "gguf" in dtypes else first_ar
+        else:
+            ref = "ours float32 ar" if "float32" in dtypes else first_ar
+        same = sum(a == b for a, b in zip(outputs[name], outputs[ref]))
         vs_llama = f"{rate[name] / base:.2f}x" if base else "-"
-        print(f"{name:<28} {rate[name]:7.1f} {vs_llama:>13} {rate[name] / rate['logitspec ar']:9.2f}x "
-              f"{same:>9}/{len(prompts)}")
+        print(f"{name:<28} {rate[name]:7.1f} {vs_llama:>13} {rate[name] / rate[first_ar]:17.2f}x "
+              f"{same:>3}/{len(prompts)} {ref:>21}")
         rows.append({"system": name, "tokens": totals[name][0], "seconds": round(totals[name][1], 3),
-                     "tok_s": round(rate[name], 2), "same_as_ar": same})
+                     "tok_s": round(rate[name], 2), "same_as": ref, "same": same})
     if args.json:
         args.json.write_text(json.dumps({"prompts": len(prompts), "max_new_tokens": args.max_new_tokens,
                                          "threads": args.threads, "cpu": processor_name(), "rows": rows}, indent=1))

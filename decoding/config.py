@@ -7,8 +7,9 @@ from dataclasses import dataclass
 METHODS = ("ar", "pld", "logitspec")
 SAMPLERS = ("coupled", "specinfer")
 ATTENTION = ("auto", "batched", "per-sequence")
-DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16")
-RUNNERS = ("auto", "native", "transformers")  # decoding/families/__init__.py
+# gguf: the GGUF file's own quantized weights, run by llama.cpp (decoding/llama_cpp_runner.py).
+DTYPES = ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16", "gguf")
+RUNNERS = ("auto", "native", "transformers", "llama.cpp")  # decoding/families/__init__.py
 
 
 _UNITS = {"": 2**20, "k": 2**10, "ki": 2**10, "kib": 2**10, "kb": 10**3, "m": 2**20, "mi": 2**20, "mib": 2**20,
@@ -68,6 +69,8 @@ class EngineConfig:
             raise ValueError(f"runner must be one of {', '.join(RUNNERS)}, got {self.runner!r}")
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.dtype == "gguf" and self.runner not in ("auto", "llama.cpp"):
+            raise ValueError(f"dtype gguf runs on the llama.cpp runner, not {self.runner!r}")
         if self.device != "auto" and not (self.device == "cpu" or self.device.startswith("cuda")):
             raise ValueError(f"device must be auto, cpu or cuda[:N], got {self.device!r}")
         for name in ("max_batch", "max_context", "tree_capacity", "prefill_chunk", "calibration_rounds"):

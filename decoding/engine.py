@@ -198,7 +198,19 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def uses_gguf(config: EngineConfig, device: torch.device) -> bool:
+    """Whether the engine runs the GGUF file's own weights through llama.cpp (--dtype gguf)."""
+    if config.dtype == "gguf" or config.runner == "llama.cpp":
+        if device.type != "cpu":
+            raise ValueError("dtype gguf (the llama.cpp runner) runs on the CPU; use --device cpu")
+        return True
+    return False
+
+
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
+    """The native runner's weights dtype (the logits' for gguf, whose weights are the file's own)."""
+    if name == "gguf":
+        return torch.float32
     if name == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
@@ -210,10 +222,17 @@ class Engine:
         self.config = config
         if config.threads:
             torch.set_num_threads(config.threads)
-        self.loaded = loaded or load(config.model)
-        self.tokenizer = self.loaded.tokenizer
         self.device = pick_device(config.device)
+        gguf = model is None and uses_gguf(config, self.device)
+        self.loaded = loaded or load(config.model, weights=not gguf)
+        self.tokenizer = self.loaded.tokenizer
         self.dtype = pick_dtype(config.dtype, self.device)
+        if gguf:
+            if self.loaded.gguf is None:
+                raise ValueError("dtype gguf needs a .gguf model file (the embedded default model is one)")
+            from decoding.llama_cpp_runner import LlamaCppRunner
+
+            model = LlamaCppRunner(self.loaded.gguf, self.loaded.hf_config, config.threads)
         self.model = model or build_model(self.loaded.hf_config, self.loaded.state, self.device, self.dtype,
                                           config.runner)
         self.model.attention_mode = config.attention
@@ -224,7 +243,8 @@ class Engine:
         c = self.cache
         log(f"KV cache: {c.num_blocks} blocks of {c.block_size} tokens ({c.num_blocks * c.block_size} tokens, "
             f"{c.memory_bytes / 2**20:.0f} MiB), {c.num_slots} sequences of up to {c.max_len}; prefix caching "
-            + ("on" if config.prefix_caching else "off"))
+            + ("on" if config.prefix_caching and self.model.runner != "llama.cpp" else
+               "off" if not config.prefix_caching else "not in the llama.cpp runner"))
         # One drafter per method; a sequence picks one when it starts (default: config.method).
         self.drafters: dict[str, Drafter] = {m: make_drafter(m) for m in METHODS}
         self.drafter = self.drafters[config.method]
@@ -250,6 +270,13 @@ class Engine:
         # or route reaches it.
         self.fault_hook: Callable[[Sequence, torch.Tensor], None] | None = None
         self.cost = self._calibrate() if config.adaptive and (config.method != "ar" or config.max_batch > 1) else None
+
+    @property
+    def numerics(self) -> str:
+        """The weights' numerics, as start-up prints them: a dtype, or the GGUF file's own blocks."""
+        if self.model.runner == "llama.cpp":
+            return f"gguf {self.model.quantization} via llama.cpp"
+        return str(self.dtype).replace("torch.", "")
 
     # ---- set-up -------------------------------------------------------------------------------
 

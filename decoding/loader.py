@@ -95,10 +95,12 @@ class LoadedModel:
     hf_config: dict
     state: dict[str, torch.Tensor]
     tokenizer: object
+    gguf: Path | None = None  # the .gguf file it came from, if any (the llama.cpp runner reads it)
 
 
-def resolve_model(model: str | None) -> tuple[str, Path]:
-    """Map --model (None, a .gguf file or an HF folder) to a display name and an HF folder."""
+def resolve_model(model: str | None) -> tuple[str, Path, Path | None]:
+    """Map --model (None, a .gguf file or an HF folder) to a display name, an HF folder and the
+    .gguf file (None for a folder)."""
     if model is None:
         path = default_model_path()
     else:
@@ -108,26 +110,28 @@ def resolve_model(model: str | None) -> tuple[str, Path]:
     if path.is_file():
         if path.suffix != ".gguf":
             raise ValueError(f"model file {path} is not a .gguf file; pass a .gguf file or an HF model folder")
-        return path.stem, convert_gguf(path)
+        return path.stem, convert_gguf(path), path
     if not (path / "config.json").exists():
         raise ValueError(f"model folder {path} has no config.json")
     if not list(path.glob("*.safetensors")):
         raise ValueError(f"model folder {path} has no .safetensors weights")
-    return path.name, path
+    return path.name, path, None
 
 
-def load(model: str | None) -> LoadedModel:
+def load(model: str | None, weights: bool = True) -> LoadedModel:
+    """The model's config, tokenizer and (unless weights=False: the llama.cpp runner reads the
+    GGUF file itself) its state dict."""
     from safetensors.torch import load_file
     from tqdm import tqdm
     from transformers import AutoTokenizer
 
     t0 = time.perf_counter()
-    name, folder = resolve_model(model)
+    name, folder, gguf = resolve_model(model)
     hf_config = json.loads((folder / "config.json").read_text())
     state: dict[str, torch.Tensor] = {}
-    files = sorted(folder.glob("*.safetensors"))
+    files = sorted(folder.glob("*.safetensors")) if weights else []
     for f in tqdm(files, desc="loading weights", unit="file", disable=len(files) < 2):
         state.update(load_file(str(f)))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     log(f"loaded {name} from {folder} in {time.perf_counter() - t0:.1f} s")
-    return LoadedModel(name, folder, hf_config, state, tokenizer)
+    return LoadedModel(name, folder, hf_config, state, tokenizer, gguf)

@@ -40,7 +40,10 @@ def _engine_args(p: argparse.ArgumentParser, calibration_rounds: int = ENGINE["c
                         "model class over our KV cache: any decoder it loads, slower) or auto (native where the "
                         "family has one)")
     p.add_argument("--device", default=ENGINE["device"], help="auto (CUDA when present), cpu or cuda[:N]")
-    p.add_argument("--dtype", default=ENGINE["dtype"], choices=DTYPES, help="auto = bfloat16 on CUDA, float32 on CPU")
+    p.add_argument("--dtype", default=ENGINE["dtype"], choices=DTYPES,
+                   help="auto = bfloat16 on CUDA, float32 on CPU; gguf = the .gguf file's own quantized weights "
+                        "run by llama.cpp on the CPU (needs the llama extra; see the README for its agreement "
+                        "with float32)")
     p.add_argument("--threads", type=int, default=ENGINE["threads"], help="torch CPU threads (0 = torch's default)")
     p.add_argument("--tree-capacity", type=int, default=ENGINE["tree_capacity"],
                    help="most tokens verified per sequence per step")
@@ -91,7 +94,8 @@ def _settings(args) -> ServerSettings:
 
 
 def _print_runner(engine) -> None:
-    print(f"[logitspec] runner {engine.model.runner}, architecture {engine.model.architecture}",
+    print(f"[logitspec] runner {engine.model.runner}, architecture {engine.model.architecture}, "
+          f"numerics {engine.numerics}",
           file=sys.stderr, flush=True)
 
 
@@ -150,7 +154,7 @@ def cmd_serve(args) -> int:
     if not args.served_model_name:
         settings = dataclasses.replace(settings, model_name=engine.loaded.name)
     print(f"[logitspec] serving {settings.model_name} ({engine.device.type}, "
-          f"{str(engine.dtype).replace('torch.', '')}, method {args.method}) on http://{args.host}:{args.port}",
+          f"{engine.numerics}, method {args.method}) on http://{args.host}:{args.port}",
           file=sys.stderr, flush=True)
     if not settings.api_keys and args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"[logitspec] warning: listening on {args.host} without API keys: anyone who can reach the port "
