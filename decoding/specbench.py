@@ -108,7 +108,7 @@ def run_bench(data: Path, methods: list[str], per_category: int | None, max_new_
         engines[m] = Engine(replace(base, method=m), loaded=loaded, model=shared_model)
         shared_model = engines[m].model
     first = engines[methods[0]]
-    result = BenchResult(loaded.name, f"{first.device.type} {first.dtype}".replace("torch.", ""), max_new_tokens)
+    result = BenchResult(loaded.name, f"{first.device.type} {first.numerics}", max_new_tokens)
     greedy = SamplingParams()
     total_turns = sum(len(q["turns"]) for q in questions)
     done, t_start = 0, time.perf_counter()
