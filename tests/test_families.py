@@ -302,7 +302,7 @@ def test_generate_prints_runner_and_architecture(family, capsys):
     assert main(["generate", "--raw", "--prompt", "t5 t6 t7", "--model", str(loaded.folder), "--method", "ar",
                  "--max-tokens", "4"]) == 0
     runner = "native" if name in NATIVE else "transformers"
-    assert f"[logitspec] runner {runner}, architecture {name}\n" in capsys.readouterr().err
+    assert f"[logitspec] runner {runner}, architecture {name}, numerics float32\n" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("family", ["olmo2"], indirect=True)

@@ -138,7 +138,7 @@ def test_cli_generate_prints_the_greedy_answer(real_engines, transformers_greedy
     text = engine.tokenizer.decode(reference, skip_special_tokens=True)
     assert captured.out == text + "\n"
     assert "Paris" in text and re.fullmatch(r"[\w ,.'-]+[.!]", text), text
-    assert "[logitspec] runner native, architecture llama\n" in captured.err
+    assert "[logitspec] runner native, architecture llama, numerics float32\n" in captured.err
     assert re.search(rf"\[logitspec\] {len(reference)} tokens in \d+ steps .* tok/s, finish: stop", captured.err)
 
 
