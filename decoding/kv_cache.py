@@ -35,7 +35,41 @@ def bytes_per_token(num_layers: int, num_kv_heads: int, head_dim: int, dtype: to
     return 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
 
-class KVCache:
+class Seats:
+    """What every KV cache the engine drives shares: `num_slots` seats (a sequence each, the lowest
+    free one first) and memory accounted in blocks of `block_size` cells."""
+
+    def __init__(self, num_slots: int, max_len: int, block_size: int):
+        if num_slots < 1 or max_len < 1:
+            raise ValueError("a KV cache needs at least one slot of at least one token")
+        self.num_slots, self.max_len, self.block_size = num_slots, max_len, block_size
+        self._free_slots = list(range(num_slots))
+
+    @property
+    def free_slots(self) -> int:
+        return len(self._free_slots)
+
+    @property
+    def used_slots(self) -> int:
+        return self.num_slots - len(self._free_slots)
+
+    def allocate(self) -> int:
+        if not self._free_slots:
+            raise RuntimeError("no free KV slot")
+        return heapq.heappop(self._free_slots)
+
+    def _check_allocated(self, slot: int) -> None:
+        if slot in self._free_slots or not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} is not allocated")
+
+    def _vacate(self, slot: int) -> None:
+        heapq.heappush(self._free_slots, slot)
+
+    def blocks_for(self, tokens: int) -> int:
+        return -(-tokens // self.block_size)
+
+
+class KVCache(Seats):
     """K and V: one [kv_heads, num_blocks, block_size, head_dim] tensor per layer.
 
     That layout makes a run of consecutive blocks a plain view [kv_heads, tokens, head_dim] for
@@ -48,8 +82,7 @@ class KVCache:
     def __init__(self, num_layers: int, num_slots: int, num_kv_heads: int, max_len: int, head_dim: int,
                  device: torch.device, dtype: torch.dtype, num_blocks: int | None = None,
                  block_size: int = DEFAULT_BLOCK_SIZE):
-        if num_slots < 1 or max_len < 1:
-            raise ValueError("a KV cache needs at least one slot of at least one token")
+        super().__init__(num_slots, max_len, block_size)
         per_seq = -(-max_len // block_size)
         num_blocks = num_slots * per_seq if num_blocks is None else num_blocks
         if num_blocks < per_seq:
@@ -61,8 +94,7 @@ class KVCache:
         self.k = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.v = [torch.empty(shape, device=device, dtype=dtype) for _ in range(num_layers)]
         self.device = device
-        self.num_slots, self.max_len = num_slots, max_len
-        self.num_blocks, self.block_size = num_blocks, block_size
+        self.num_blocks = num_blocks
         self.tables: list[list[int]] = [[] for _ in range(num_slots)]
         # Each seat's own blocks start at its home block when that one is free or merely cached:
         # sequences that sit at home are one strided view of the pool for a batched attention call.
@@ -71,7 +103,6 @@ class KVCache:
         # sequence in two runs of the pool loses the in-place batched call and pays a second
         # attention call per layer; on a GPU a batch's K/V are gathered anyway.
         self.SHARE_MIN_BLOCKS = 32 if device.type == "cpu" else 1
-        self._free_slots = list(range(num_slots))
         self._ref = [0] * num_blocks
         self._free = set(range(num_blocks))  # held by no sequence and not cached
         self._free_flags = bytearray(b"\x01") * num_blocks  # the same, as flags (runs of free blocks)
@@ -94,25 +125,11 @@ class KVCache:
 
     # ---- seats -------------------------------------------------------------------------------
 
-    @property
-    def free_slots(self) -> int:
-        return len(self._free_slots)
-
-    @property
-    def used_slots(self) -> int:
-        return self.num_slots - len(self._free_slots)
-
-    def allocate(self) -> int:
-        if not self._free_slots:
-            raise RuntimeError("no free KV slot")
-        return heapq.heappop(self._free_slots)
-
     def release(self, slot: int, scrub: bool = False) -> None:
         """Give back the slot and its blocks. Its registered blocks stay cached; scrub: its blocks
         may hold non-finite K/V (its sequence failed): none stays cached, and each is zeroed before
         reuse."""
-        if slot in self._free_slots or not 0 <= slot < self.num_slots:
-            raise ValueError(f"slot {slot} is not allocated")
+        self._check_allocated(slot)
         for block in reversed(self.tables[slot]):  # a prefix's tail is evicted before its head
             self._ref[block] -= 1
             if self._ref[block]:
@@ -127,7 +144,7 @@ class KVCache:
                 self._free_flags[block] = 1
         self.tables[slot] = []
         self._keys[slot] = []
-        heapq.heappush(self._free_slots, slot)
+        self._vacate(slot)
 
     # ---- blocks ------------------------------------------------------------------------------
 
@@ -160,9 +177,6 @@ class KVCache:
                     k[:, block].zero_()
                     v[:, block].zero_()
                 self._dirty[block] = 0
-
-    def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
 
     def reserve(self, slot: int, length: int) -> None:
         """Give the slot's table enough blocks for cells [0, length). Raises KVCacheFull."""

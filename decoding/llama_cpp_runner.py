@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from decoding.kv_cache import DEFAULT_BLOCK_SIZE, KVCacheFull
+from decoding.kv_cache import DEFAULT_BLOCK_SIZE, KVCacheFull, Seats
 from decoding.model import ModelConfig, Runner, SeqBatchEntry, transformers_config
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: sequence ids per context (ours: SEQ, GRAVE and tree leaves)
@@ -52,15 +52,6 @@ BATCH = 512  # tokens per llama_decode call (n_batch = n_ubatch); larger forward
 PREFILL_ROWS = 32  # prompt chunks this long run without flash attention (LlamaCppCache.prefill_context)
 KV_BYTES = 2  # bf16 K and V cells
 GGML_TYPE_F16, GGML_TYPE_BF16 = 1, 30  # ggml.h's numbers (llama-cpp-python names only some)
-
-
-def available() -> bool:
-    """Whether llama-cpp-python is installed (the `llama` extra)."""
-    try:
-        import llama_cpp  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 def _llama():
@@ -131,19 +122,16 @@ class _Context:
             self.ctx = None
 
 
-class LlamaCppCache:
+class LlamaCppCache(Seats):
     """The engine's KV cache on the llama.cpp runner: `num_slots` sequences, each in a llama.cpp
     context of its own (made when the slot is first used). Admission is accounted in blocks of
     `block_size` cells from the memory budget, like the paged cache's."""
 
     def __init__(self, runner: "LlamaCppRunner", num_slots: int, max_len: int, cells: int):
-        if num_slots < 1 or max_len < 1:
-            raise ValueError("a KV cache needs at least one slot of at least one token")
+        super().__init__(num_slots, max_len, DEFAULT_BLOCK_SIZE)
         self.runner = runner
         self.llama = runner.llama
         self.device = torch.device("cpu")
-        self.num_slots, self.max_len = num_slots, max_len
-        self.block_size = DEFAULT_BLOCK_SIZE
         self.num_blocks = max(cells, max_len) // self.block_size
         # Each context: the longest sequence, room for its graveyard and one forward's cells.
         self.context_cells = -(-(max_len + max_len // 2 + BATCH) // 256) * 256
@@ -152,7 +140,6 @@ class LlamaCppCache:
         # Prompts are prefilled in one more context, without flash attention (see prefill).
         self._prefill: _Context | None = None
         self._prefill_owner: tuple[int, int] | None = None  # (slot, cells) it holds
-        self._free_slots = list(range(num_slots))
         self._reserved = [0] * num_slots  # cells reserved per slot (tokens, graveyard included)
         self.tables: list[list[int]] = [[] for _ in range(num_slots)]  # (no paged blocks: always empty)
         self.queried_tokens = self.hit_tokens = self.evicted_blocks = self.cached_blocks = 0
@@ -171,14 +158,6 @@ class LlamaCppCache:
     # ---- seats and accounting ----------------------------------------------------------------
 
     @property
-    def free_slots(self) -> int:
-        return len(self._free_slots)
-
-    @property
-    def used_slots(self) -> int:
-        return self.num_slots - len(self._free_slots)
-
-    @property
     def used_blocks(self) -> int:
         return sum(self.blocks_for(n) for n in self._reserved)
 
@@ -186,23 +165,16 @@ class LlamaCppCache:
     def free_blocks(self) -> int:
         return self.num_blocks - self.used_blocks
 
-    def blocks_for(self, tokens: int) -> int:
-        return -(-tokens // self.block_size)
-
     def allocate(self) -> int:
-        if not self._free_slots:
-            raise RuntimeError("no free KV slot")
-        self._free_slots.sort()
-        slot = self._free_slots.pop(0)
+        slot = super().allocate()
         self.context(slot).clear()
         return slot
 
     def release(self, slot: int, scrub: bool = False) -> None:
-        if slot in self._free_slots or not 0 <= slot < self.num_slots:
-            raise ValueError(f"slot {slot} is not allocated")
+        self._check_allocated(slot)
         self.context(slot).clear()
         self._reserved[slot] = 0
-        self._free_slots.append(slot)
+        self._vacate(slot)
 
     def reserve(self, slot: int, length: int) -> None:
         """Room for the sequence's first `length` cells (and its graveyard)."""
@@ -263,7 +235,6 @@ class LlamaCppCache:
         if L.llama_state_seq_set_data(dst.ctx, out, len(state), SEQ) != len(state):
             raise RuntimeError("llama.cpp could not write a prefilled sequence's state")
 
-
     def keep(self, slot: int, past_len: int, accepted: list[int]) -> None:
         """Keep the accepted nodes (a path from the root, by row) as the sequence's next cells."""
         L, c = self.llama, self.context(slot)
@@ -284,9 +255,7 @@ class LlamaCppCache:
             for leaf, depth in deepest.items():
                 L.llama_memory_seq_cp(c.mem, leaf, GRAVE, past_len, past_len + depth + 1)
             c.graveyard += last + 1 - len(accepted)
-            c.drop_pending()
-        else:
-            c.drop_pending()
+        c.drop_pending()
         L.llama_memory_seq_rm(c.mem, SEQ, end, -1)  # a chain's rejected tail
         self._reserved[slot] = max(self._reserved[slot], end + c.graveyard)
 
@@ -398,7 +367,7 @@ class LlamaCppRunner(Runner):
         cells = num_slots * max_len
         if memory is not None:
             cells = min(cells, memory // self.kv_bytes_per_token)
-        return LlamaCppCache(self, num_slots, max_len, max(cells, max_len))
+        return LlamaCppCache(self, num_slots, max_len, cells)
 
     def compile(self) -> None:
         raise ValueError("--compile is for the native runner on CUDA; the llama.cpp runner has nothing to compile")
