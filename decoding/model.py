@@ -262,19 +262,31 @@ def _batched_plan(batch: list[SeqBatchEntry], runs: list[list[tuple[int, int, in
                          home_stride=cache.home_stride)
 
 
-def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None, scale: float | None,
+def _additive(masks, dtype: torch.dtype):
+    """Boolean masks (a tensor, None, or a list of those, nested as a plan's parts are) as additive
+    biases: 0 where a row sees a key, -inf where it does not. SDPA makes exactly this of a boolean
+    mask on every call, that is once per layer; a forward makes it once (LayerAttention)."""
+    if masks is None:
+        return None
+    if isinstance(masks, list):
+        return [_additive(m, dtype) for m in masks]
+    return torch.zeros(masks.shape, dtype=dtype, device=masks.device).masked_fill_(~masks, float("-inf"))
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, scale: float | None,
           softcap: float | None) -> torch.Tensor:
-    """q [B, heads, n, hd], k/v [B, kv_heads, L, hd] (grouped-query), mask bool [.., n, L] or None
-    (every row sees every key). softcap: logits -> softcap * tanh(logits / softcap) before the
-    softmax (Gemma 2), which SDPA cannot do, so that case runs as plain products."""
+    """q [B, heads, n, hd], k/v [B, kv_heads, L, hd] (grouped-query), bias [.., n, L] additive
+    (0 or -inf, see _additive) or None (every row sees every key). softcap: logits -> softcap *
+    tanh(logits / softcap) before the softmax (Gemma 2), which SDPA cannot do, so that case runs
+    as plain products."""
     if softcap is None:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale, enable_gqa=True)
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = (q @ k.transpose(-1, -2)).float() * (scale if scale is not None else q.shape[-1] ** -0.5)
     scores = softcap * torch.tanh(scores / softcap)
-    if mask is not None:
-        scores = scores.masked_fill(~mask, float("-inf"))
+    if bias is not None:
+        scores = scores + bias
     return torch.softmax(scores, dim=-1).to(v.dtype) @ v
 
 
@@ -282,18 +294,17 @@ def attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch
               plan: AttentionPlan, masks: list[torch.Tensor | None] | torch.Tensor | None = None,
               scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
     """q: [N, heads, hd] for the new rows, whose K/V are already in the pool ([kv_heads, blocks,
-    block_size, hd]); returns [N, heads * hd]. masks: the plan's masks, or a variant of them (a
-    sliding window's) in the same layout."""
+    block_size, hd]); returns [N, heads * hd]. masks: the plan's masks as additive biases
+    (_additive), or a variant of them (a sliding window's) in the same layout; None: the plan's."""
+    if masks is None:
+        masks = _additive(_plan_masks(plan), q.dtype)
     heads, hd = q.shape[1:]
     kv_heads = k_pool.shape[0]
     if plan.parts is not None:
         out = q.new_empty(q.shape[0], heads * hd)
         for p, (rows, entries, part) in enumerate(plan.parts):
-            out[rows] = attention(q[rows], k_pool, v_pool, entries, part, None if masks is None else masks[p],
-                                  scale, softcap)
+            out[rows] = attention(q[rows], k_pool, v_pool, entries, part, masks[p], scale, softcap)
         return out
-    if masks is None:
-        masks = plan.mask if plan.batched else plan.masks
     if plan.batched:
         seats = plan.seats
         padded = q.new_zeros(seats * plan.n_max, heads, hd)
@@ -344,7 +355,7 @@ def _attention_over_runs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
                          scale: float | None) -> torch.Tensor:
     """One sequence whose blocks lie in several runs of the pool (a shared prefix, then its own):
     attention over each run as a view, merged by the runs' log-sum-exps, so no K/V is copied.
-    q [n, heads, hd] -> [n, heads * hd]. The query heads sharing a KV head are folded into rows
+    q [n, heads, hd] -> [n, heads * hd]; mask additive [n, cells] or None. The query heads sharing a KV head are folded into rows
     (grouped-query attention without expanding K/V)."""
     n, heads, hd = q.shape
     kv_heads = k_pool.shape[0]
@@ -354,12 +365,10 @@ def _attention_over_runs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
     for first, count, c0, c1 in runs:
         k = k_pool[:, first:first + count].reshape(kv_heads, -1, hd)[None, :, :c1 - c0]
         v = v_pool[:, first:first + count].reshape(kv_heads, -1, hd)[None, :, :c1 - c0]
-        part = None if mask is None else mask[:, c0:c1].repeat(group, 1)  # [group * n, cells]
-        bias = None if part is None else torch.zeros(part.shape, dtype=q.dtype, device=q.device).masked_fill_(
-            ~part, float("-inf"))
-        o, lse = _flash_cpu(folded, k, v, attn_mask=bias, scale=scale)  # [1, kv_heads, group * n, hd], [1, kv_heads, group * n]
+        part = None if mask is None else mask[:, c0:c1].repeat(group, 1)  # [group * n, cells] additive
+        o, lse = _flash_cpu(folded, k, v, attn_mask=part, scale=scale)  # [1, kv_heads, group * n, hd], [1, kv_heads, group * n]
         if part is not None:
-            seen = part.any(-1)  # a row that sees nothing here gets weight 0 (the kernel reports lse 0)
+            seen = (part == 0).any(-1)  # a row that sees nothing here gets weight 0 (the kernel reports lse 0)
             lse = lse.masked_fill(~seen, float("-inf"))
             o = o.masked_fill(~seen[:, None], 0.0)
         outs.append(o)
@@ -380,7 +389,7 @@ class LayerAttention:
     def __init__(self, cache: KVCache, batch: list[SeqBatchEntry], plan: AttentionPlan, positions: torch.Tensor):
         self.cache, self.batch, self.plan = cache, batch, plan
         self.positions = positions  # [N] the new rows' positions (a tree node's: past + depth)
-        self._window_masks: dict[int, list | torch.Tensor] = {}
+        self._biases_made: dict[int | None, list | torch.Tensor | None] = {}
 
     def __call__(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float | None = None,
                  window: int | None = None, softcap: float | None = None) -> torch.Tensor:
@@ -388,15 +397,24 @@ class LayerAttention:
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]  # [kv_heads, blocks, block_size, hd]
         k_pool[:, plan.row_block, plan.row_off] = k.transpose(0, 1)  # each row's K/V into its cell
         v_pool[:, plan.row_block, plan.row_off] = v.transpose(0, 1)
-        masks = None if window is None else self._windowed(window)
-        return attention(q, k_pool, v_pool, self.batch, plan, masks, scale, softcap)
+        return attention(q, k_pool, v_pool, self.batch, plan, self._biases(window, q.dtype), scale, softcap)
 
-    def _windowed(self, window: int):
-        """The plan's masks for a sliding window (see `_windowed`), made once per forward."""
-        if window not in self._window_masks:
-            self._window_masks[window] = _windowed(self.plan, self.batch, self.positions.cpu(), window,
-                                                   self.cache.device)
-        return self._window_masks[window]
+    def _biases(self, window: int | None, dtype: torch.dtype):
+        """The plan's masks, or a sliding window's (see `_windowed`), as additive biases, made once
+        per forward for every layer."""
+        if window not in self._biases_made:
+            masks = (_plan_masks(self.plan) if window is None
+                     else _windowed(self.plan, self.batch, self.positions.cpu(), window, self.cache.device))
+            self._biases_made[window] = _additive(masks, dtype)
+        return self._biases_made[window]
+
+
+def _plan_masks(plan: AttentionPlan):
+    """The plan's boolean masks: its batched call's, its per-sequence calls', or a list of its
+    parts' masks."""
+    if plan.parts is not None:
+        return [_plan_masks(part) for _, _, part in plan.parts]
+    return plan.mask if plan.batched else plan.masks
 
 
 def _windowed(plan: AttentionPlan, batch: list[SeqBatchEntry], positions: torch.Tensor, window: int,
