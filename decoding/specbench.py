@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from decoding.config import EngineConfig
-from decoding.engine import Engine
+from decoding.engine import Engine, freeze_start_up_heap
 from decoding.loader import load
 from decoding.verify import SamplingParams
 
@@ -107,6 +107,7 @@ def run_bench(data: Path, methods: list[str], per_category: int | None, max_new_
     for m in methods:
         engines[m] = Engine(replace(base, method=m), loaded=loaded, model=shared_model)
         shared_model = engines[m].model
+    freeze_start_up_heap()
     first = engines[methods[0]]
     result = BenchResult(loaded.name, f"{first.device.type} {first.numerics}", max_new_tokens)
     greedy = SamplingParams()

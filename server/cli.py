@@ -143,7 +143,7 @@ def cmd_serve(args) -> int:
 
     import uvicorn
 
-    from decoding.engine import Engine
+    from decoding.engine import Engine, freeze_start_up_heap
     from server.app import create_app
     from server.shutdown import GracefulServer
 
@@ -160,6 +160,7 @@ def cmd_serve(args) -> int:
         print(f"[logitspec] warning: listening on {args.host} without API keys: anyone who can reach the port "
               f"can use it (--api-key or LOGITSPEC_API_KEYS)", file=sys.stderr, flush=True)
     app = create_app(engine, settings)
+    freeze_start_up_heap()
     # uvicorn's own wait for open connections comes after our drain; it only covers responses
     # still being written.
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning", timeout_graceful_shutdown=5)
