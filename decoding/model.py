@@ -355,8 +355,8 @@ def _attention_over_runs(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Te
                          scale: float | None) -> torch.Tensor:
     """One sequence whose blocks lie in several runs of the pool (a shared prefix, then its own):
     attention over each run as a view, merged by the runs' log-sum-exps, so no K/V is copied.
-    q [n, heads, hd] -> [n, heads * hd]; mask additive [n, cells] or None. The query heads sharing a KV head are folded into rows
-    (grouped-query attention without expanding K/V)."""
+    q [n, heads, hd] -> [n, heads * hd]; mask: additive [n, cells], or None. The query heads
+    sharing a KV head are folded into rows (grouped-query attention without expanding K/V)."""
     n, heads, hd = q.shape
     kv_heads = k_pool.shape[0]
     group = heads // kv_heads
