@@ -291,13 +291,11 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor 
 
 
 def attention(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, batch: list[SeqBatchEntry],
-              plan: AttentionPlan, masks: list[torch.Tensor | None] | torch.Tensor | None = None,
-              scale: float | None = None, softcap: float | None = None) -> torch.Tensor:
+              plan: AttentionPlan, masks: list | torch.Tensor, scale: float | None = None,
+              softcap: float | None = None) -> torch.Tensor:
     """q: [N, heads, hd] for the new rows, whose K/V are already in the pool ([kv_heads, blocks,
     block_size, hd]); returns [N, heads * hd]. masks: the plan's masks as additive biases
-    (_additive), or a variant of them (a sliding window's) in the same layout; None: the plan's."""
-    if masks is None:
-        masks = _additive(_plan_masks(plan), q.dtype)
+    (LayerAttention._biases), or a variant of them (a sliding window's) in the same layout."""
     heads, hd = q.shape[1:]
     kv_heads = k_pool.shape[0]
     if plan.parts is not None:
