@@ -562,12 +562,20 @@ class Engine:
         hot = bool(seq.step_sizes) and seq.step_sizes[-1] > 1
         forced = self._forced(seq)
         # A full proposal costs retrievals for every guess; when not even its likeliest first
-        # nodes could pay (large batches, text that does not repeat), skip it.
-        if floor is not None and all(self.stats.p(k.heated() if hot else k) <= floor for k in
-                                     seq.drafter.openings(seq.index, seq.root, seq.echoes)
-                                     + ([NodeKind("forced", (), 1)] if forced else [])):
-            return DraftTree.root(seq.root)
-        tree = seq.drafter.propose(seq.index, seq.root, self._guesses(seq), seq.echoes)
+        # nodes could pay (large batches, text that does not repeat), skip it. Likewise a branch
+        # whose likeliest first node cannot pay: guesses and echoes, which on a CPU rarely do,
+        # would otherwise be ranked, retrieved for and cut on every step.
+        guess, echoes = True, seq.echoes
+        if floor is not None:
+            paying = {k.family for k in seq.drafter.openings(seq.index, seq.root, seq.echoes)
+                      + ([NodeKind("forced", (), 1)] if forced else [])
+                      if self.stats.p(k.heated() if hot else k) > floor}
+            if not paying:
+                return DraftTree.root(seq.root)
+            guess = "guess" in paying
+            if "echo" not in paying:
+                echoes = []
+        tree = seq.drafter.propose(seq.index, seq.root, self._guesses(seq) if guess else [], echoes)
         if hot:
             tree.kinds = [k and k.heated() for k in tree.kinds]
         if seq.constraint is not None:

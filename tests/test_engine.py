@@ -128,6 +128,29 @@ def test_proposals_skipped_when_no_node_could_pay(tiny_loaded, calibration, prop
     assert seq.output == engine.generate(prompt, SamplingParams(), 12).output
 
 
+@pytest.mark.parametrize("guesses_fail", [True, False])
+def test_branches_that_cannot_pay_are_not_built(tiny_loaded, guesses_fail):
+    """Where guesses have shown they are (almost) never accepted, LogitSpec proposes without them
+    (no top-k, no retrievals) while its next-token branch, which may pay, is still built."""
+    from decoding.cost_model import CostModel
+    from decoding.tree import NodeKind
+
+    engine = Engine(EngineConfig(method="logitspec", max_context=256), loaded=tiny_loaded)
+    engine.cost = CostModel({1: 1.0, 64: 2.0}, max_tokens=64)  # a draft token costs 1/63 of a step
+    if guesses_fail:
+        for hot in (False, True):
+            engine.stats.kinds[NodeKind("guess", (), 1, hot)] = [1e6, 0.0]
+    seen = []
+    propose = engine.drafter.propose
+    engine.drafter.propose = lambda index, x0, guesses, echoes=(): seen.append(guesses) or propose(
+        index, x0, guesses, echoes)
+    prompt = [2, 7, 8, 9, 7, 8, 9, 7, 8, 9]
+    seq = engine.generate(prompt, SamplingParams(), 12)
+    assert seen, "the next-token branch could pay, so proposals were made"
+    assert all(g == [] for g in seen) == guesses_fail
+    assert seq.output == engine.generate(prompt, SamplingParams(), 12).output
+
+
 def test_echoes_come_from_rejected_nodes_at_or_holding_the_new_root():
     import torch
     from types import SimpleNamespace
