@@ -5,9 +5,29 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
+
+# How long torch's OpenMP threads (libgomp, in the CPU wheels) spin at the end of a parallel region
+# before they sleep. libgomp's default, 300,000 spins, assumes every core is ours: when another
+# process keeps the cores busy, a spinning thread holds the core its partner needs to finish, and a
+# 1-token forward, ~1,200 small parallel regions, then waits a scheduler slice at each one. Measured
+# on this project's 2-core CPU with two `while True: pass` processes running, plain decoding fell
+# from ~29 to 0.8 tok/s with the default, and ran at 12-16 tok/s with 1,000 spins, for about 3% of
+# quiet speed (`bench/contention.py`). 1,000 is what libgomp itself uses for an active wait policy
+# when it knows it has more threads than CPUs. Only a default: GOMP_SPINCOUNT or OMP_WAIT_POLICY in
+# the environment win. libgomp reads it once, when torch is first imported, which is after this.
+OPENMP_SPINCOUNT = "1000"
+
+
+def _openmp_waits(environ=os.environ) -> None:
+    if "GOMP_SPINCOUNT" not in environ and "OMP_WAIT_POLICY" not in environ:
+        environ["GOMP_SPINCOUNT"] = OPENMP_SPINCOUNT
+
+
+_openmp_waits()
 
 from decoding.config import ATTENTION, DTYPES, METHODS, RUNNERS, SAMPLERS, EngineConfig
 from server.settings import ServerSettings, keys_from_env

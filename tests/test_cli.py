@@ -67,3 +67,35 @@ def test_flags_reach_the_config():
                                                                  "transformers")
     assert _settings(args).session_bytes == 2**20
     assert _settings(args).access_log is False
+
+
+# Run in a fresh interpreter: records GOMP_SPINCOUNT at the moment torch is first imported, which is
+# when libgomp reads it. (Without the default, plain decoding on a 2-core CPU shared with two busy
+# processes ran at 0.8 tok/s; see server/cli.py.)
+SPINCOUNT_AT_TORCH_IMPORT = """
+import os, sys
+seen = []
+class Watch:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch" and not seen:
+            seen.append(os.environ.get("GOMP_SPINCOUNT"))
+sys.meta_path.insert(0, Watch())
+import server.cli
+from server.cli import main
+import torch
+print(seen[0] if seen else "torch imported before server.cli")
+"""
+
+
+@pytest.mark.parametrize("env, expected", [({}, "1000"), ({"GOMP_SPINCOUNT": "50"}, "50"),
+                                           ({"OMP_WAIT_POLICY": "ACTIVE"}, "None")])
+def test_openmp_threads_do_not_spin_for_long_unless_asked(env, expected):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
+    out = subprocess.run([sys.executable, "-c", SPINCOUNT_AT_TORCH_IMPORT], env={**base, **env}, check=True,
+                         cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True).stdout
+    assert out.strip() == expected
