@@ -18,7 +18,9 @@ import statistics
 import subprocess
 import sys
 import time
+from pathlib import Path
 
+ROOT = Path(__file__).resolve().parent.parent
 SETTINGS = {  # name -> environment for the run (unset = the logitspec command's own default)
     "libgomp default (GOMP_SPINCOUNT=300000)": {"GOMP_SPINCOUNT": "300000"},
     "logitspec default (GOMP_SPINCOUNT=1000)": {},
@@ -33,7 +35,7 @@ def run_once(env: dict, max_tokens: int, timeout: float) -> float:
            "--prompt", PROMPT]
     try:
         out = subprocess.run(cmd, env={**base, **env}, capture_output=True, text=True, timeout=timeout,
-                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+                             cwd=ROOT)
     except subprocess.TimeoutExpired:
         return 0.0
     m = re.search(r"([0-9.]+) tok/s", out.stdout + out.stderr)

@@ -20,14 +20,8 @@ from pathlib import Path
 # when it knows it has more threads than CPUs. Only a default: GOMP_SPINCOUNT or OMP_WAIT_POLICY in
 # the environment win. libgomp reads it once, when torch is first imported, which is after this.
 OPENMP_SPINCOUNT = "1000"
-
-
-def _openmp_waits(environ=os.environ) -> None:
-    if "GOMP_SPINCOUNT" not in environ and "OMP_WAIT_POLICY" not in environ:
-        environ["GOMP_SPINCOUNT"] = OPENMP_SPINCOUNT
-
-
-_openmp_waits()
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", OPENMP_SPINCOUNT)
 
 from decoding.config import ATTENTION, DTYPES, METHODS, RUNNERS, SAMPLERS, EngineConfig
 from server.settings import ServerSettings, keys_from_env

@@ -3,6 +3,10 @@ defaults are the configuration dataclasses' own (written once, there)."""
 
 import argparse
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,7 +85,6 @@ class Watch:
             seen.append(os.environ.get("GOMP_SPINCOUNT"))
 sys.meta_path.insert(0, Watch())
 import server.cli
-from server.cli import main
 import torch
 print(seen[0] if seen else "torch imported before server.cli")
 """
@@ -90,11 +93,6 @@ print(seen[0] if seen else "torch imported before server.cli")
 @pytest.mark.parametrize("env, expected", [({}, "1000"), ({"GOMP_SPINCOUNT": "50"}, "50"),
                                            ({"OMP_WAIT_POLICY": "ACTIVE"}, "None")])
 def test_openmp_threads_do_not_spin_for_long_unless_asked(env, expected):
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
     base = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY")}
     out = subprocess.run([sys.executable, "-c", SPINCOUNT_AT_TORCH_IMPORT], env={**base, **env}, check=True,
                          cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True).stdout
