@@ -1,17 +1,29 @@
-"""Replay drafters on recorded greedy answers: mean accepted tokens per step (MAT) without the model.
+"""Replay drafters on recorded greedy answers: MAT, or modelled tokens per second, without the model.
 
 Greedy decoding is deterministic, so once a question's answer and, for every answer token, the
-top-k of the logit it came from are recorded, any drafter can be replayed on it: each step the
-drafter proposes a tree from the tokens so far, the tree is cut to the tree capacity by the
-engine's own acceptance statistics (decoding/cost_model.py, as with cost-aware sizing off), and the
-longest path that agrees with the recorded answer is accepted plus the bonus token. That is what
-the engine does, minus the forwards, so drafting ideas are compared in seconds instead of an hour.
+top-k of the logit it came from (tokens and probabilities) are recorded, any drafter can be
+replayed on it: each step the drafter proposes a tree from the tokens so far, the tree is cut by
+the engine's own acceptance statistics (decoding/cost_model.py), and the longest path that agrees
+with the recorded answer is accepted plus the bonus token. That is what the engine does, minus the
+forwards, so drafting ideas are compared in seconds instead of an hour.
+
+Two cuts. By default, to the tree capacity (the engine with cost-aware sizing off): MAT. With
+`--cost` and a calibration (start-up prints it), as the adaptive engine sizes a batch of one
+(see Replay): the forwards priced by that calibration, and methods compared in modelled tokens
+per second, next to an oracle that verifies exactly the path the uncut tree would accept (what
+perfect ranking of the same candidates could reach). On the 63 Spec-Bench turns, priced by the
+calibration of docs/bench_cpu_768399c.txt, it puts LogitSpec at 1.094x PLD, where four real runs
+measured 1.080-1.106x (docs/replay_cost_aware.txt).
+
 The real bench (`logitspec bench`) stays the measurement; this is the workbench. What it cannot
 replay: LogitSpec's echoes (they come from the model's logits at rejected tree nodes, which a
-recording of the answer does not hold), so it replays LogitSpec without them.
+recording of the answer does not hold), so it replays LogitSpec without them; nor the cost model's
+learning and realised loop (the prices stay at the calibration).
 
     python bench/draft_replay.py record --per-category 3 --max-new-tokens 256 --out /tmp/replay.json
     python bench/draft_replay.py replay /tmp/replay.json --methods pld,logitspec
+    python bench/draft_replay.py replay /tmp/replay.json --cost 1:34,4:42,8:49,16:66,32:97,64:163 \
+        --methods pld,logitspec,logitspec --set recent=8
 """
 
 from __future__ import annotations
@@ -26,9 +38,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from decoding.cost_model import AcceptanceStats, ranked_nodes  # noqa: E402
+from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes  # noqa: E402
 from decoding.drafters import make_drafter  # noqa: E402
+from decoding.engine import is_probe, is_stretch  # noqa: E402
 from decoding.specbench import DEFAULT_DATA, read_questions  # noqa: E402
+from decoding.tree import DraftTree  # noqa: E402
 from retrieval.suffix_index import SuffixIndex  # noqa: E402
 
 TOP_K = 64  # guesses recorded per answer token (a drafter may use fewer)
@@ -42,7 +56,7 @@ def record(args) -> int:
     from decoding.model import SeqBatchEntry
     from decoding.verify import SamplingParams
 
-    engine = Engine(EngineConfig(method="logitspec", adaptive=False, max_context=4096))
+    engine = Engine(EngineConfig(method="pld", max_context=4096))  # greedy: every method answers alike
     turns_out = []
     questions = read_questions(Path(args.data), args.per_category)
     total = sum(len(q["turns"]) for q in questions)
@@ -64,8 +78,10 @@ def record(args) -> int:
                                                   torch.arange(len(prompt) - 1, len(full) - 1))
             finally:
                 engine.cache.release(slot)
-            top = logits.topk(TOP_K).indices.tolist()  # top[i]: logit that produced answer[i]
-            turns_out.append({"category": q["category"], "prompt": prompt, "answer": answer, "top": top})
+            top = logits.float().softmax(-1).topk(TOP_K)  # top[i]: logit that produced answer[i]
+            turns_out.append({"category": q["category"], "prompt": prompt, "answer": answer,
+                              "top": top.indices.tolist(),
+                              "prob": [[round(p, 5) for p in row] for row in top.values.tolist()]})
             print(f"\r[record] {len(turns_out)}/{total} turns, {time.perf_counter() - t0:.0f}s", end="",
                   file=sys.stderr, flush=True)
     print(file=sys.stderr)
@@ -85,50 +101,115 @@ def accepted_path(tree, answer: list[int], i: int) -> list[int]:
     return path
 
 
-def replay_turn(drafter, stats: AcceptanceStats, turn: dict, capacity: int) -> tuple[int, int]:
-    prompt, answer, top = turn["prompt"], turn["answer"], turn["top"]
-    index = SuffixIndex(prompt)
-    i, steps, hot = 0, 0, False
-    while i < len(answer):
-        x0 = answer[i]
-        tree = drafter.propose(index, x0, top[i][:drafter.guesses + 1] if drafter.guesses else [])
+class Replay:
+    """One method's replay over a recording, step by step as the engine runs a sequence.
+
+    Without a cost model: every tree is cut to `capacity` nodes by the acceptance statistics
+    (the engine with cost-aware sizing off) and MAT is what it measures. With one (`--cost`): as
+    Engine._schedule and Engine._draft run a batch of one, with the forwards priced by a fixed
+    calibration instead of timed: probes (roots alone), a proposal skipped when no branch's
+    likeliest first node could pay, the cut that CostModel.choose makes, a stretch probe every
+    STRETCH_EVERY-th step; tokens per modelled second then compare methods as the real bench
+    does (the realised loop, CostModel.settle, and the cost model's learning are left out: the
+    prices do not move)."""
+
+    def __init__(self, method: str, capacity: int, calibration: dict[int, float] | None, drafter_options: dict):
+        self.drafter = make_drafter(method)
+        for name, value in drafter_options.items():
+            if not hasattr(self.drafter, name):
+                raise SystemExit(f"{method} has no parameter {name!r}")
+            setattr(self.drafter, name, type(getattr(self.drafter, name))(value))
+        self.stats = AcceptanceStats()
+        self.capacity = capacity
+        self.cost = CostModel(calibration, capacity) if calibration else None
+        self.steps_run = 0
+        self.probes = 0
+
+    def _tree(self, index: SuffixIndex, x0: int, guesses: list[int], hot: bool) -> DraftTree:
+        drafter, stats, cost = self.drafter, self.stats, self.cost
+        if cost is None:
+            tree = drafter.propose(index, x0, guesses)
+        else:
+            self.steps_run += 1
+            if is_probe(self.steps_run, self.probes):
+                self.probes += 1
+                return DraftTree.root(x0)
+            floor = cost.break_even(1)
+            paying = {k.family for k in drafter.openings(index, x0) if stats.p(k.heated() if hot else k) > floor}
+            if not paying:
+                return DraftTree.root(x0)
+            tree = drafter.propose(index, x0, guesses if "guess" in paying else [])
         if hot:
             tree.kinds = [k and k.heated() for k in tree.kinds]
-        if len(tree) > capacity:
-            order = ranked_nodes(tree, stats.node_probs(tree))
-            tree = tree.subtree([0] + order[:capacity - 1])
-        path = accepted_path(tree, answer, i)
-        if len(tree) > 1:
-            stats.record(tree, path)
-        steps += 1
-        index.extend(answer[i:i + len(path)])
-        i += len(path)
-        hot = len(path) > 1
-    return len(answer), steps
+        probs = stats.node_probs(tree)
+        order = ranked_nodes(tree, probs)
+        if cost is not None:
+            keep = cost.choose([[probs[j] for j in order]], [self.capacity - 1], is_stretch(self.steps_run))[0]
+        else:
+            keep = self.capacity - 1
+        return tree.subtree([0] + order[:keep]) if keep < len(order) else tree
+
+    def turn(self, turn: dict) -> tuple[int, int, int, float, float]:
+        """Tokens, steps, tokens verified, modelled seconds (0 without a cost model), and the
+        modelled seconds of the oracle that verifies exactly the path the uncut tree accepts."""
+        prompt, answer, top = turn["prompt"], turn["answer"], turn["top"]
+        index = SuffixIndex(prompt)
+        i, steps, verified, seconds, oracle, hot = 0, 0, 0, 0.0, 0.0, False
+        while i < len(answer):
+            x0 = answer[i]
+            guesses = top[i][:self.drafter.guesses + 1] if self.drafter.guesses else []
+            tree = self._tree(index, x0, guesses, hot)
+            path = accepted_path(tree, answer, i)
+            if len(tree) > 1:
+                self.stats.record(tree, path)
+            steps += 1
+            verified += len(tree)
+            if self.cost is not None:
+                seconds += self.cost.cost(len(tree))
+            index.extend(answer[i:i + len(path)])
+            i += len(path)
+            hot = len(path) > 1
+        if self.cost is not None:  # the oracle, on a fresh index: what perfect ranking could reach
+            index, i = SuffixIndex(prompt), 0
+            while i < len(answer):
+                x0 = answer[i]
+                guesses = top[i][:self.drafter.guesses + 1] if self.drafter.guesses else []
+                n = len(accepted_path(self.drafter.propose(index, x0, guesses), answer, i))
+                oracle += self.cost.cost(n)
+                index.extend(answer[i:i + n])
+                i += n
+        return len(answer), steps, verified, seconds, oracle
 
 
 def replay(args) -> int:
     data = json.loads(Path(args.file).read_text())
+    calibration = ({int(n): float(ms) / 1000 for n, ms in (p.split(":") for p in args.cost.split(","))}
+                   if args.cost else None)
+    options = dict(p.split("=") for p in args.set.split(",")) if args.set else {}
+    methods = args.methods.split(",")
+    labels = methods[:-1] + [methods[-1] + (f"[{args.set}]" if args.set else "")]
     rows = defaultdict(dict)
-    for method in args.methods.split(","):
-        drafter = make_drafter(method)
-        stats = AcceptanceStats()
-        tally = defaultdict(lambda: [0, 0])
+    for j, (method, label) in enumerate(zip(methods, labels)):
+        run = Replay(method, args.capacity, calibration, options if j == len(methods) - 1 else {})
+        tally = defaultdict(lambda: [0, 0, 0, 0.0, 0.0])
         t0 = time.perf_counter()
         for turn in data["turns"]:
-            tokens, steps = replay_turn(drafter, stats, turn, args.capacity)
+            done = run.turn(turn)
             for key in (turn["category"], "overall"):
-                tally[key][0] += tokens
-                tally[key][1] += steps
-        for key, (tokens, steps) in tally.items():
-            rows[key][method] = tokens / steps
-        print(f"[replay] {method}: {time.perf_counter() - t0:.1f}s", file=sys.stderr)
-    methods = args.methods.split(",")
-    print(f"{'category':<16}" + "".join(f"{m:>12}" for m in methods))
-    for key, mats in rows.items():
-        print(f"{key:<16}" + "".join(f"{mats[m]:>12.2f}" for m in methods))
-    if "pld" in methods:
-        for m in methods:
+                tally[key] = [a + b for a, b in zip(tally[key], done)]
+        for key, (tokens, steps, _, seconds, _) in tally.items():
+            rows[key][label] = tokens / seconds if calibration else tokens / steps
+        tokens, steps, verified, seconds, oracle = tally["overall"]
+        print(f"[replay] {label}: MAT {tokens / steps:.3f}, {verified / steps:.2f} tokens verified a step"
+              + (f", {tokens / seconds:.1f} tok/s modelled (oracle {tokens / oracle:.1f})" if calibration else "")
+              + f"; {time.perf_counter() - t0:.1f}s", file=sys.stderr)
+    what = "modelled tok/s" if calibration else "MAT"
+    width = max(12, *(len(m) + 2 for m in labels))
+    print(f"{what}\n{'category':<16}" + "".join(f"{m:>{width}}" for m in labels))
+    for key in [k for k in rows if k != "overall"] + ["overall"]:
+        print(f"{key:<16}" + "".join(f"{rows[key][m]:>{width}.2f}" for m in labels))
+    if "pld" in labels:
+        for m in labels:
             print(f"{m} / pld overall: {rows['overall'][m] / rows['overall']['pld']:.3f}")
     return 0
 
@@ -145,6 +226,13 @@ def main() -> int:
     rep.add_argument("file")
     rep.add_argument("--methods", default="pld,logitspec")
     rep.add_argument("--capacity", type=int, default=64, help="tree capacity, root included")
+    rep.add_argument("--cost", default="", metavar="N:MS,...",
+                     help="size trees as the engine does, by a cost model with this calibration (start-up "
+                          "prints it, e.g. 1:34,4:42,8:49,16:66,32:97,64:163), and compare modelled tokens "
+                          "per second")
+    rep.add_argument("--set", default="", metavar="NAME=VALUE,...",
+                     help="drafter parameters for the last method (e.g. recent=8,next_tokens=24); repeat a "
+                          "method to compare: --methods pld,logitspec,logitspec --set recent=8")
     args = ap.parse_args()
     return record(args) if args.command == "record" else replay(args)
 
