@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import sys
 import time
 from collections import defaultdict
@@ -186,6 +187,14 @@ def replay(args) -> int:
     calibration = ({int(n): float(ms) / 1000 for n, ms in (p.split(":") for p in args.cost.split(","))}
                    if args.cost else None)
     options = dict(p.split("=") for p in args.set.split(",")) if args.set else {}
+    turns = data["turns"]
+    if args.order == "reverse":
+        turns = turns[::-1]
+    elif args.order.startswith("shuffle:"):
+        turns = list(turns)
+        random.Random(int(args.order.split(":")[1])).shuffle(turns)
+    elif args.order != "bench":
+        raise SystemExit(f"--order: bench, reverse or shuffle:SEED, not {args.order!r}")
     methods = args.methods.split(",")
     labels = methods[:-1] + [methods[-1] + (f"[{args.set}]" if args.set else "")]
     rows = defaultdict(dict)
@@ -193,7 +202,7 @@ def replay(args) -> int:
         run = Replay(method, args.capacity, calibration, options if j == len(methods) - 1 else {})
         tally = defaultdict(lambda: [0, 0, 0, 0.0, 0.0])
         t0 = time.perf_counter()
-        for turn in data["turns"]:
+        for turn in turns:
             done = run.turn(turn)
             for key in (turn["category"], "overall"):
                 tally[key] = [a + b for a, b in zip(tally[key], done)]
@@ -230,6 +239,8 @@ def main() -> int:
                      help="size trees as the engine does, by a cost model with this calibration (start-up "
                           "prints it, e.g. 1:34,4:42,8:49,16:66,32:97,64:163), and compare modelled tokens "
                           "per second")
+    rep.add_argument("--order", default="bench", help="bench (the recording's: category after category), "
+                     "reverse, or shuffle:SEED (traffic that mixes categories; the statistics learn in order)")
     rep.add_argument("--set", default="", metavar="NAME=VALUE,...",
                      help="drafter parameters for the last method (e.g. recent=8,next_tokens=24); repeat a "
                           "method to compare: --methods pld,logitspec,logitspec --set recent=8")
