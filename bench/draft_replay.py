@@ -136,7 +136,7 @@ class Replay:
                 self.probes += 1
                 return DraftTree.root(x0)
             floor = cost.break_even(1)
-            paying = {k.family for k in drafter.openings(index, x0) if stats.p(k.heated() if hot else k) > floor}
+            paying = stats.paying(drafter.openings(index, x0), floor, hot)
             if not paying:
                 return DraftTree.root(x0)
             tree = drafter.propose(index, x0, guesses if "guess" in paying else [])

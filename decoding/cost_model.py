@@ -48,6 +48,11 @@ class AcceptanceStats:
             self._cache[kind] = p
         return p
 
+    def paying(self, openings: list[NodeKind], floor: float, hot: bool) -> set[str]:
+        """The families among a proposal's likeliest first nodes (Drafter.openings) whose estimate
+        clears `floor` (CostModel.break_even), judged hot or cold as the sequence is."""
+        return {k.family for k in openings if self.p(k.heated() if hot else k) > floor}
+
     def node_probs(self, tree: DraftTree) -> list[float]:
         """Estimated marginal acceptance of each node; never above its parent's. Root = 1."""
         ps = [1.0] * len(tree)

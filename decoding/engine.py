@@ -567,9 +567,8 @@ class Engine:
         # would otherwise be ranked, retrieved for and cut on every step.
         guess, echoes = True, seq.echoes
         if floor is not None:
-            paying = {k.family for k in seq.drafter.openings(seq.index, seq.root, seq.echoes)
-                      + ([NodeKind("forced", (), 1)] if forced else [])
-                      if self.stats.p(k.heated() if hot else k) > floor}
+            paying = self.stats.paying(seq.drafter.openings(seq.index, seq.root, seq.echoes)
+                                       + ([NodeKind("forced", (), 1)] if forced else []), floor, hot)
             if not paying:
                 return DraftTree.root(seq.root)
             guess = "guess" in paying
