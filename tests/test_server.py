@@ -148,13 +148,17 @@ def test_disconnect_frees_slot(server, model_name):
                 "model": model_name, "messages": [{"role": "user", "content": "Write a long story about a dragon."}],
                 "max_tokens": 1500, "temperature": 0, "stream": True}) as r:
             assert r.status_code == 200
-            lines = 0
+            lines, h = [], None
             for line in r.iter_lines():
                 if line.startswith("data:"):
-                    lines += 1
-                if lines >= 5:
+                    lines.append(line)
+                if len(lines) == 5:
+                    # Asked inside the loop: leaving it closes the line iterator, which closes the
+                    # connection, and the server may free the slot before a later question arrives.
+                    h = server.health()
                     break
-            assert server.health()["kv_slots_used"] >= 1
+            assert len(lines) == 5 and "[DONE]" not in lines[-1], lines
+            assert h["running"] == 1 and h["kv_slots_used"] >= 1, h
     h = server.wait_idle(30)
     assert h["running"] == 0 and h["kv_slots_used"] == 0
 
