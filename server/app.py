@@ -13,6 +13,7 @@ import logging
 import time
 import uuid
 import weakref
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -139,20 +140,20 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
     access = Access(settings.access_log, count,
                     error_body=lambda: error_body(500, "internal server error", None, "internal_error"))
 
-    app = FastAPI(title="logitspec", version="0.1.0")
+    @asynccontextmanager
+    async def lifespan(_app: FastAPI):
+        scheduler.start()
+        try:
+            yield
+        finally:
+            scheduler.shutdown()
+
+    app = FastAPI(title="logitspec", version="0.1.0", lifespan=lifespan)
     app.state.metrics = metrics
     app.state.scheduler = scheduler
     app.state.sessions = sessions
     app.state.engine = engine
     app.state.draining = False
-
-    @app.on_event("startup")
-    async def _start():
-        scheduler.start()
-
-    @app.on_event("shutdown")
-    async def _stop():
-        scheduler.shutdown()
 
     @app.exception_handler(APIError)
     async def _api_error(_, exc: APIError):
