@@ -47,6 +47,7 @@ from decoding.tree import DraftTree  # noqa: E402
 from retrieval.suffix_index import SuffixIndex  # noqa: E402
 
 TOP_K = 64  # guesses recorded per answer token (a drafter may use fewer)
+SEPARATOR = 2**62  # between turns in a shared index: beyond any vocabulary, so no match runs across it
 
 
 def record(args) -> int:
@@ -114,7 +115,8 @@ class Replay:
     does (the realised loop, CostModel.settle, and the cost model's learning are left out: the
     prices do not move)."""
 
-    def __init__(self, method: str, capacity: int, calibration: dict[int, float] | None, drafter_options: dict):
+    def __init__(self, method: str, capacity: int, calibration: dict[int, float] | None, drafter_options: dict,
+                 shared_index: bool = False):
         self.drafter = make_drafter(method)
         for name, value in drafter_options.items():
             if not hasattr(self.drafter, name):
@@ -125,6 +127,10 @@ class Replay:
         self.cost = CostModel(calibration, capacity) if calibration else None
         self.steps_run = 0
         self.probes = 0
+        # shared_index: each turn's index also holds every earlier turn's prompt and answer (one
+        # index across sessions, as a server could keep), each behind a separator no text contains
+        self.shared_index = shared_index
+        self.history: list[int] = []
 
     def _tree(self, index: SuffixIndex, x0: int, guesses: list[int], hot: bool) -> DraftTree:
         drafter, stats, cost = self.drafter, self.stats, self.cost
@@ -137,7 +143,7 @@ class Replay:
                 return DraftTree.root(x0)
             floor = cost.break_even(1)
             paying = stats.paying(drafter.openings(index, x0), floor, hot)
-            if not paying:
+            if not paying and not is_stretch(self.steps_run):
                 return DraftTree.root(x0)
             tree = drafter.propose(index, x0, guesses if "guess" in paying else [])
         if hot:
@@ -154,7 +160,10 @@ class Replay:
         """Tokens, steps, tokens verified, modelled seconds (0 without a cost model), and the
         modelled seconds of the oracle that verifies exactly the path the uncut tree accepts."""
         prompt, answer, top = turn["prompt"], turn["answer"], turn["top"]
-        index = SuffixIndex(prompt)
+        earlier = self.history
+        if self.shared_index:
+            self.history = earlier + prompt + [SEPARATOR] + answer + [SEPARATOR]
+        index = SuffixIndex(earlier + prompt)
         i, steps, verified, seconds, oracle, hot = 0, 0, 0, 0.0, 0.0, False
         while i < len(answer):
             x0 = answer[i]
@@ -171,7 +180,7 @@ class Replay:
             i += len(path)
             hot = len(path) > 1
         if self.cost is not None:  # the oracle, on a fresh index: what perfect ranking could reach
-            index, i = SuffixIndex(prompt), 0
+            index, i = SuffixIndex(earlier + prompt), 0
             while i < len(answer):
                 x0 = answer[i]
                 guesses = top[i][:self.drafter.guesses + 1] if self.drafter.guesses else []
@@ -182,24 +191,48 @@ class Replay:
         return len(answer), steps, verified, seconds, oracle
 
 
+def questions(turns: list[dict]) -> list[list[dict]]:
+    """The recording's turns grouped by question: a follow-up turn's prompt begins with the turn
+    before it (prompt, answer, then the next question)."""
+    groups: list[list[dict]] = []
+    for turn in turns:
+        before = groups[-1][-1] if groups else None
+        if before is not None and turn["prompt"][:len(before["prompt"])] == before["prompt"] \
+                and turn["category"] == before["category"]:
+            groups[-1].append(turn)
+        else:
+            groups.append([turn])
+    return groups
+
+
 def replay(args) -> int:
     data = json.loads(Path(args.file).read_text())
     calibration = ({int(n): float(ms) / 1000 for n, ms in (p.split(":") for p in args.cost.split(","))}
                    if args.cost else None)
     options = dict(p.split("=") for p in args.set.split(",")) if args.set else {}
     turns = data["turns"]
+    if args.shared_index and args.order.split(":")[0] in ("reverse", "shuffle"):
+        # a later turn's prompt holds the earlier turns' answers: replayed first, it would put them
+        # in the shared index before they are generated
+        raise SystemExit("--shared-index keeps each question's turns in order: use --order bench or questions:SEED")
     if args.order == "reverse":
         turns = turns[::-1]
     elif args.order.startswith("shuffle:"):
         turns = list(turns)
         random.Random(int(args.order.split(":")[1])).shuffle(turns)
+    elif args.order.startswith("questions:"):
+        groups = questions(turns)
+        random.Random(int(args.order.split(":")[1])).shuffle(groups)
+        turns = [turn for group in groups for turn in group]
     elif args.order != "bench":
-        raise SystemExit(f"--order: bench, reverse or shuffle:SEED, not {args.order!r}")
+        raise SystemExit(f"--order: bench, reverse, shuffle:SEED or questions:SEED, not {args.order!r}")
     methods = args.methods.split(",")
-    labels = methods[:-1] + [methods[-1] + (f"[{args.set}]" if args.set else "")]
+    options_label = ",".join(([args.set] if args.set else []) + (["shared index"] if args.shared_index else []))
+    labels = methods[:-1] + [methods[-1] + (f"[{options_label}]" if options_label else "")]
     rows = defaultdict(dict)
     for j, (method, label) in enumerate(zip(methods, labels)):
-        run = Replay(method, args.capacity, calibration, options if j == len(methods) - 1 else {})
+        last = j == len(methods) - 1
+        run = Replay(method, args.capacity, calibration, options if last else {}, args.shared_index and last)
         tally = defaultdict(lambda: [0, 0, 0, 0.0, 0.0])
         t0 = time.perf_counter()
         for turn in turns:
@@ -240,10 +273,14 @@ def main() -> int:
                           "prints it, e.g. 1:34,4:42,8:49,16:66,32:97,64:163), and compare modelled tokens "
                           "per second")
     rep.add_argument("--order", default="bench", help="bench (the recording's: category after category), "
-                     "reverse, or shuffle:SEED (traffic that mixes categories; the statistics learn in order)")
+                     "reverse, shuffle:SEED (traffic that mixes categories; the statistics learn in order), "
+                     "or questions:SEED (questions shuffled, each one's turns in order)")
     rep.add_argument("--set", default="", metavar="NAME=VALUE,...",
                      help="drafter parameters for the last method (e.g. recent=8,next_tokens=24); repeat a "
                           "method to compare: --methods pld,logitspec,logitspec --set recent=8")
+    rep.add_argument("--shared-index", action="store_true",
+                     help="the last method's index also holds every earlier turn's prompt and answer (one "
+                          "index across sessions); repeat a method to compare: --methods pld,pld --shared-index")
     args = ap.parse_args()
     return record(args) if args.command == "record" else replay(args)
 

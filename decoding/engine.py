@@ -542,21 +542,22 @@ class Engine:
         probe = self.cost is not None and is_probe(self._steps_run, self.cost.measured(len(seqs), len(seqs)))
         # Below this acceptance estimate no draft node pays at this batch size (None: no sizing).
         floor = self.cost.break_even(len(seqs)) if self.cost is not None and not probe else None
+        stretch = is_stretch(self._steps_run)
         live, trees = [], []
         for seq in seqs:
             try:
-                tree = DraftTree.root(seq.root) if probe else self._draft(seq, floor)
+                tree = DraftTree.root(seq.root) if probe else self._draft(seq, floor, stretch)
             except Exception as e:
                 self._fault(seq, e)
                 continue
             live.append(seq)
             trees.append(tree)
         if live and not probe:
-            trees = self._size_trees(live, trees, is_stretch(self._steps_run))
+            trees = self._size_trees(live, trees, stretch)
         live, trees = self._reserve(live, trees)
         return StepPlan(seqs, live, trees, probe, started, time.perf_counter())
 
-    def _draft(self, seq: Sequence, floor: float | None) -> DraftTree:
+    def _draft(self, seq: Sequence, floor: float | None, stretch: bool = False) -> DraftTree:
         # Acceptance runs in streaks (copying a list, a quote, a loop): a sequence whose last step
         # accepted drafts is "hot", and its nodes are judged by hot statistics.
         hot = bool(seq.step_sizes) and seq.step_sizes[-1] > 1
@@ -564,12 +565,14 @@ class Engine:
         # A full proposal costs retrievals for every guess; when not even its likeliest first
         # nodes could pay (large batches, text that does not repeat), skip it. Likewise a branch
         # whose likeliest first node cannot pay: guesses and echoes, which on a CPU rarely do,
-        # would otherwise be ranked, retrieved for and cut on every step.
+        # would otherwise be ranked, retrieved for and cut on every step. But never on a stretch
+        # step: statistics learn only from drafted nodes, so estimates that once fell below the
+        # floor would otherwise hold drafting off for good (the stretch cut then keeps one node).
         guess, echoes = True, seq.echoes
         if floor is not None:
             paying = self.stats.paying(seq.drafter.openings(seq.index, seq.root, seq.echoes)
                                        + ([NodeKind("forced", (), 1)] if forced else []), floor, hot)
-            if not paying:
+            if not paying and not stretch:
                 return DraftTree.root(seq.root)
             guess = "guess" in paying
             if "echo" not in paying:

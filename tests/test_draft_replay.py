@@ -44,3 +44,45 @@ def test_drafter_parameters_are_checked():
     assert run.drafter.recent == 4
     with pytest.raises(SystemExit, match="no parameter"):
         Replay("pld", 64, CALIBRATION, {"recent": "4"})
+
+
+def test_a_shared_index_finds_what_an_earlier_turn_said():
+    """With --shared-index, a turn's drafts come from earlier turns too: an answer that repeats
+    an earlier answer (and nothing of its own prompt) is drafted from it; without, it is not."""
+    first = recording(0)
+    rng = random.Random(7)
+    second = {**recording(1), "prompt": [rng.randrange(3000, 4000) for _ in range(50)], "answer": first["answer"],
+              "top": first["top"]}
+    steps = {}
+    for shared in (False, True):
+        run = Replay("pld", 64, CALIBRATION, {}, shared)
+        run.turn(first)
+        tokens, steps[shared], *_ = run.turn(second)
+    assert steps[True] < tokens / 3 < steps[False]
+
+
+def test_questions_keep_their_turns_in_order():
+    from bench.draft_replay import questions
+
+    a1 = recording(0)
+    a2 = {**recording(1), "prompt": a1["prompt"] + a1["answer"] + [5, 6]}  # a follow-up of a1
+    b1 = recording(2)
+    groups = questions([a1, a2, b1])
+    assert [[id(t) for t in g] for g in groups] == [[id(a1), id(a2)], [id(b1)]]
+
+
+def test_estimates_that_fell_below_the_floor_rise_again():
+    """Statistics learn only from drafted nodes. Once every first node's estimate has fallen below
+    the break-even floor, no proposal is made, so only the stretch steps' (which always propose)
+    can raise them again: text that repeats is drafted again after a while."""
+    from decoding.tree import NodeKind
+
+    run = Replay("pld", 64, CALIBRATION, {})
+    for hot in (False, True):
+        run.stats.kinds[NodeKind("pld", (), 1, hot)] = [20.0, 0.0]  # 20 offered, none accepted
+    assert run.stats.p(NodeKind("pld", (), 1)) < run.cost.break_even(1)
+    tokens = steps = 0
+    for seed in range(3):
+        t, s, *_ = run.turn(recording(seed))
+        tokens, steps = tokens + t, steps + s
+    assert steps < 0.7 * tokens
