@@ -134,6 +134,7 @@ class Replay:
 
     def _tree(self, index: SuffixIndex, x0: int, guesses: list[int], hot: bool) -> DraftTree:
         drafter, stats, cost = self.drafter, self.stats, self.cost
+        stretch = False
         if cost is None:
             tree = drafter.propose(index, x0, guesses)
         else:
@@ -141,9 +142,10 @@ class Replay:
             if is_probe(self.steps_run, self.probes):
                 self.probes += 1
                 return DraftTree.root(x0)
+            stretch = is_stretch(self.steps_run)  # as Engine._schedule: one flag for the gate and the cut
             floor = cost.break_even(1)
             paying = stats.paying(drafter.openings(index, x0), floor, hot)
-            if not paying and not is_stretch(self.steps_run):
+            if not paying and not stretch:
                 return DraftTree.root(x0)
             tree = drafter.propose(index, x0, guesses if "guess" in paying else [])
         if hot:
@@ -151,7 +153,7 @@ class Replay:
         probs = stats.node_probs(tree)
         order = ranked_nodes(tree, probs)
         if cost is not None:
-            keep = cost.choose([[probs[j] for j in order]], [self.capacity - 1], is_stretch(self.steps_run))[0]
+            keep = cost.choose([[probs[j] for j in order]], [self.capacity - 1], stretch)[0]
         else:
             keep = self.capacity - 1
         return tree.subtree([0] + order[:keep]) if keep < len(order) else tree
