@@ -45,7 +45,7 @@ def _model_identity(loaded: LoadedModel) -> dict:
 
 
 def calibration_key(loaded: LoadedModel, device: torch.device, dtype: torch.dtype, sizes: list[int],
-                    past: int, compiled: bool = False, runner: str = "native") -> dict:
+                    past: int, compiled: bool = False, runner: str = "native", linear: str = "torch") -> dict:
     """Everything the timed seconds depend on. The batch size is not in it: the calibration times
     one sequence's forwards, whatever the number of KV slots."""
     return {
@@ -60,6 +60,7 @@ def calibration_key(loaded: LoadedModel, device: torch.device, dtype: torch.dtyp
         "past": past,
         "compiled": compiled,
         "runner": runner,  # the transformers runner is slower than the native one on the same model
+        "linear": linear,  # whose matrix products: "avx2" (decoding/cpu_linear.py) or torch's
     }
 
 

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 import torch
 
-from decoding import calibration_cache
+from decoding import calibration_cache, cpu_linear
 from decoding.config import METHODS, EngineConfig, parse_size
 from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes
 from decoding.drafters import Drafter, Echo, make_drafter
@@ -323,7 +323,8 @@ class Engine:
         past = max(1, min(256, self.cache.max_len - max(sizes)))
         rounds = self.config.calibration_rounds
         key = calibration_cache.calibration_key(self.loaded, self.device, self.dtype, sizes, past,
-                                                self.config.compile, self.model.runner)
+                                                self.config.compile, self.model.runner,
+                                                cpu_linear.in_use(self.device, self.dtype))
         cached = None if self.config.recalibrate else calibration_cache.load(key, rounds)
         if cached is not None:
             seconds, entry = cached

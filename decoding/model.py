@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from decoding import cpu_linear
 from decoding.kv_cache import DEFAULT_BLOCK_SIZE, KVCache, bytes_per_token
 
 
@@ -497,25 +498,34 @@ def _mkldnn_usable(device: torch.device, dtype: torch.dtype) -> bool:
 
 
 class Linear:
-    """y = x W^T + b, with W prepacked once for oneDNN on CPU fp32.
+    """y = x W^T + b, with W packed once for a CPU fp32 kernel.
 
     Why: a plain fp32 GEMM on CPU repacks W on every call, so a 4-row product costs about twice a
-    1-row one, and its result for a row depends on how many rows are in the batch. The prepacked
-    oneDNN kernel (packed for 16 rows) costs nearly the same from 1 to 16 rows and gives every row
-    bit-identical results whatever the batch size, which is what lets a tree forward reproduce
-    plain decoding token for token. Same fp32 arithmetic, so no change of numerics to flag.
+    1-row one, and its result for a row depends on how many rows are in the batch. Our AVX2 kernel
+    (`decoding/cpu_linear.py`), or where it cannot be built oneDNN's prepacked one (packed for 16
+    rows), costs little more for 16 rows than for 1 and gives every row bit-identical results
+    whatever the batch size, which is what lets a tree forward reproduce plain decoding token for
+    token. Same fp32 arithmetic, so no change of numerics to flag.
     """
 
     PACK_ROWS = 16
 
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        self.bias = bias
-        self.out_features = weight.shape[0]
-        self.packed = _mkldnn_usable(weight.device, weight.dtype)
-        self.weight = (torch.ops.mkldnn._reorder_linear_weight(weight, self.PACK_ROWS)
-                       if self.packed else weight)
+        self.bias = None if bias is None else bias.contiguous()
+        self.out_features, self.in_features = weight.shape
+        cpu_f32 = weight.device.type == "cpu" and weight.dtype == torch.float32
+        self.kernel = cpu_linear.kernel() if cpu_f32 else None
+        self.packed = self.kernel is not None or _mkldnn_usable(weight.device, weight.dtype)
+        if self.kernel is not None:
+            self.weight = cpu_linear.pack(weight)
+        elif self.packed:
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, self.PACK_ROWS)
+        else:
+            self.weight = weight
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.kernel is not None:
+            return cpu_linear.linear(self.kernel, x, self.weight, self.out_features, self.bias)
         if self.packed:
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return F.linear(x, self.weight, self.bias)
@@ -709,9 +719,9 @@ class Model(Runner):
     def compile(self) -> None:
         """torch.compile the layers' dense parts (everything but the attention call, whose batch
         layout changes every step), with a dynamic row count so one graph serves every size.
-        Meant for GPUs; inductor cannot lower CPU fp32's prepacked oneDNN weights."""
+        Meant for GPUs; inductor cannot lower CPU fp32's packed weights (ours or oneDNN's)."""
         if self.lm_head.packed:
-            raise ValueError("compile does not work with the prepacked CPU float32 linears: use it on CUDA "
+            raise ValueError("compile does not work with the packed CPU float32 linears: use it on CUDA "
                              "(or with dtype bfloat16 on a CPU, for testing)")
         self._qkv = torch.compile(self._qkv_eager, dynamic=True)
         self._mlp = torch.compile(self._mlp_eager, dynamic=True)

@@ -1,0 +1,132 @@
+"""Our own float32 matrix product for x86 CPUs with AVX2 and FMA (`kernels/linear_avx2.c`).
+
+Decoding multiplies a few rows (one token, or a draft tree's) by every weight matrix; the time is
+in reading the weights. The kernel streams each weight panel once and applies it to the rows held
+in registers, so it is faster than oneDNN's prepacked product at one row and grows less per row,
+and every row's result is bit-identical whatever rows are beside it (see the C file).
+
+It is compiled at first use with the system's C compiler (`CC`, else `cc`) into the cache root
+(`kernels/`), keyed by the source and the compiler, and loaded with ctypes. It uses torch's own
+OpenMP runtime: torch is imported first, and the library's libgomp.so.1 resolves to the copy
+torch loaded, so the two share one thread pool instead of fighting over the cores.
+
+Where it cannot be used (not x86 AVX2+FMA, no compiler, a failed build, or
+LOGITSPEC_CPU_KERNEL=off), `kernel()` returns None and the model keeps oneDNN's product; the
+reason is printed once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from decoding.loader import cache_root, log
+
+SOURCE = Path(__file__).resolve().parent / "kernels" / "linear_avx2.c"
+PANEL = 16  # output columns per packed panel, as in the C file
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
+
+_lock = threading.Lock()
+_loaded: dict[str, object] = {}  # "lib": the CDLL or None once decided; "why": the reason when None
+
+
+def _cpu_supports() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+def _compiler() -> str:
+    return os.environ.get("CC", "cc")
+
+
+def _build(target: Path) -> None:
+    """Compile to a temporary file beside `target`, then rename: starts racing each leave a whole one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".so")
+    os.close(fd)
+    try:
+        done = subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                              timeout=120)
+        if done.returncode != 0:
+            raise RuntimeError(f"{_compiler()} failed: {done.stderr.strip()[-500:]}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _library_path() -> Path:
+    version = subprocess.run([_compiler(), "--version"], capture_output=True, text=True, timeout=30).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + version.encode()).hexdigest()[:16]
+    return cache_root() / "kernels" / f"linear_avx2-{key}.so"
+
+
+def _load() -> ctypes.CDLL:
+    if os.environ.get("LOGITSPEC_CPU_KERNEL", "").lower() in ("0", "off", "false", "no"):
+        raise RuntimeError("LOGITSPEC_CPU_KERNEL=off")
+    if not _cpu_supports():
+        raise RuntimeError(f"the CPU has no AVX2 ({torch.backends.cpu.get_cpu_capability()})")
+    path = _library_path()
+    if not path.exists():
+        t0 = time.perf_counter()
+        try:
+            _build(path)
+        except OSError:  # cache root not writable: build in a private temporary folder
+            path = Path(tempfile.mkdtemp(prefix="logitspec-kernels-")) / path.name
+            _build(path)
+        log(f"compiled the AVX2 linear kernel in {time.perf_counter() - t0:.1f} s into {path}")
+    lib = ctypes.CDLL(str(path))
+    lib.linear_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.linear_f32.restype = None
+    return lib
+
+
+def kernel() -> ctypes.CDLL | None:
+    """The compiled kernel, or None where it cannot be used (the reason: `unavailable_reason()`)."""
+    with _lock:
+        if "lib" not in _loaded:
+            try:
+                _loaded["lib"] = _load()
+            except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                _loaded["lib"], _loaded["why"] = None, str(e)
+                log(f"the AVX2 linear kernel is not used ({e}): oneDNN's products instead, slower")
+        return _loaded["lib"]
+
+
+def in_use(device: torch.device, dtype: torch.dtype) -> str:
+    """Whose products a model on this device and dtype runs: "avx2" (ours) or "torch"."""
+    return "avx2" if device.type == "cpu" and dtype == torch.float32 and kernel() is not None else "torch"
+
+
+def unavailable_reason() -> str | None:
+    kernel()
+    return _loaded.get("why")
+
+
+def pack(weight: torch.Tensor) -> torch.Tensor:
+    """W [n, k] -> panels [ceil(n / 16), k, 16]: wp[p, k, j] = W[16 p + j, k], zero padded."""
+    n, k = weight.shape
+    panels = -(-n // PANEL)
+    padded = torch.zeros(panels * PANEL, k, dtype=torch.float32)
+    padded[:n] = weight
+    return padded.view(panels, PANEL, k).transpose(1, 2).contiguous()
+
+
+def linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, n: int,
+           bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., k] float32 -> [..., n]."""
+    k = packed.shape[1]
+    rows = x.reshape(-1, k).contiguous()
+    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    if rows.shape[0]:
+        lib.linear_f32(rows.data_ptr(), rows.shape[0], k, packed.data_ptr(), n,
+                       None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)

@@ -1,0 +1,104 @@
+"""Our AVX2 float32 product (decoding/cpu_linear.py): right, row-independent, and replaced by
+oneDNN's where it cannot be built."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from decoding import cpu_linear
+from decoding.model import Linear
+
+ROOT = Path(__file__).resolve().parent.parent
+HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+HAS_CC = shutil.which(os.environ.get("CC", "cc")) is not None
+
+needs_kernel = pytest.mark.skipif(not (HAS_AVX2 and HAS_CC), reason="the kernel needs AVX2 and a C compiler")
+
+
+@needs_kernel
+def test_kernel_builds_where_the_cpu_and_a_compiler_allow():
+    assert cpu_linear.kernel() is not None, cpu_linear.unavailable_reason()
+    assert cpu_linear.in_use(torch.device("cpu"), torch.float32) == "avx2"
+    assert cpu_linear.in_use(torch.device("cpu"), torch.bfloat16) == "torch"
+
+
+# Shapes across the kernel's edges: panels of 16 columns (n), register blocks of 6 rows and passes
+# of 64 rows (m), odd inner sizes (k).
+@needs_kernel
+@pytest.mark.parametrize("m, k, n, bias", [(1, 576, 960, False), (5, 33, 17, True), (6, 64, 16, False),
+                                           (7, 100, 1, True), (16, 576, 3072, False), (64, 8, 40, True),
+                                           (130, 31, 50, True), (0, 16, 16, False)])
+def test_matches_a_float64_product(m, k, n, bias):
+    g = torch.Generator().manual_seed(m * 1000 + n)
+    x, w = torch.randn(m, k, generator=g), torch.randn(n, k, generator=g)
+    b = torch.randn(n, generator=g) if bias else None
+    y = cpu_linear.linear(cpu_linear.kernel(), x, cpu_linear.pack(w), n, b)
+    want = F.linear(x.double(), w.double(), None if b is None else b.double())
+    assert y.shape == (m, n) and y.dtype == torch.float32
+    assert torch.allclose(y.double(), want, atol=1e-4 * k ** 0.5, rtol=1e-5)
+
+
+@needs_kernel
+def test_a_row_is_bit_identical_alone_or_in_any_batch_and_thread_count():
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(140, 200, generator=g), torch.randn(70, 200, generator=g), torch.randn(70, generator=g)
+    lin = Linear(w, b)
+    assert lin.kernel is not None
+    alone = torch.cat([lin(x[i:i + 1]) for i in range(len(x))])
+    for m in (2, 5, 6, 7, 13, 64, 65, 140):
+        assert torch.equal(lin(x[:m]), alone[:m]), m
+    assert torch.equal(lin(x[3:9]), alone[3:9])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(lin(x), alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_inputs_of_any_leading_shape():
+    g = torch.Generator().manual_seed(1)
+    w, x = torch.randn(24, 8, generator=g), torch.randn(2, 3, 8, generator=g)
+    lin = Linear(w)
+    assert lin(x).shape == (2, 3, 24)
+    assert torch.equal(lin(x), lin(x.reshape(6, 8)).view(2, 3, 24))
+    assert torch.equal(lin(x.transpose(0, 1)), lin(x.transpose(0, 1).contiguous()))  # strided input
+
+
+def run_fresh(code: str, **env) -> str:
+    """Python in a fresh interpreter (the kernel is loaded once per process)."""
+    full = dict(os.environ, PYTHONPATH=str(ROOT), **env)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=full, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@needs_kernel
+def test_shares_torchs_openmp_runtime(tmp_path):
+    """Two OpenMP runtimes would each keep a thread pool spinning on the same cores."""
+    out = run_fresh("import torch\nfrom decoding import cpu_linear\nassert cpu_linear.kernel() is not None\n"
+                    "x = cpu_linear.linear(cpu_linear.kernel(), torch.ones(4, 8), cpu_linear.pack(torch.ones(8, 8)), 8, None)\n"
+                    "print(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l}))",
+                    LOGITSPEC_CACHE=str(tmp_path))
+    assert out.count("libgomp") == 1, out
+    assert list((tmp_path / "kernels").glob("linear_avx2-*.so")), "not compiled into the cache root"
+
+
+@pytest.mark.parametrize("env, why", [({"CC": "/nonexistent/cc"}, "nonexistent"),
+                                      ({"LOGITSPEC_CPU_KERNEL": "off"}, "LOGITSPEC_CPU_KERNEL=off")])
+def test_falls_back_to_onednn_when_it_cannot_be_built(tmp_path, env, why):
+    out = run_fresh("import torch\nfrom decoding import cpu_linear\nfrom decoding.model import Linear\n"
+                    "w, x = torch.randn(40, 24), torch.randn(5, 24)\nlin = Linear(w)\n"
+                    "print(lin.kernel is None, lin.packed, cpu_linear.in_use(torch.device('cpu'), torch.float32))\n"
+                    "print(torch.allclose(lin(x), x @ w.T, atol=1e-5))\nprint(cpu_linear.unavailable_reason())",
+                    LOGITSPEC_CACHE=str(tmp_path), **env)
+    first, close, reason = out.splitlines()
+    assert first == "True True torch" and close == "True"
+    assert why in reason
