@@ -54,6 +54,47 @@ block(const int R, int64_t K, const float *x, int64_t ldx, const float *wp, floa
     ROW_STORE(0) ROW_STORE(1) ROW_STORE(2) ROW_STORE(3) ROW_STORE(4) ROW_STORE(5)
 }
 
+/* Fewer than four rows over two neighbouring panels at once: a lone row's two accumulators would
+ * wait on each other's FMA latency (one FMA every two cycles); four to twelve keep both FMA units
+ * busy. Each output is still one chain over k in order, as in block(). */
+#define PAIR_FMA(r, lo, hi)                                                     \
+    if (R > r) {                                                                \
+        __m256 a = _mm256_broadcast_ss(x + (r) * ldx + k);                      \
+        lo = _mm256_fmadd_ps(a, w0, lo);                                        \
+        hi = _mm256_fmadd_ps(a, w1, hi);                                        \
+    }
+#define PAIR_STORE(r, lo, hi, yy, cc, bb)                                       \
+    if (R > r) {                                                                \
+        _mm256_storeu_ps(out, lo);                                              \
+        _mm256_storeu_ps(out + 8, hi);                                          \
+        for (int j = 0; j < cc; j++)                                            \
+            yy[(r) * ldy + j] = bb ? out[j] + bb[j] : out[j];                   \
+    }
+
+static inline __attribute__((always_inline)) void
+pair(const int R, int64_t K, const float *x, int64_t ldx, const float *wp, float *y, int64_t ldy,
+     int cols, const float *bias, const char *ahead) {
+    const float *wq = wp + K * PANEL;  /* the second panel */
+    __m256 a0 = _mm256_setzero_ps(), b0 = _mm256_setzero_ps(), c0 = _mm256_setzero_ps(), d0 = _mm256_setzero_ps();
+    __m256 a1 = _mm256_setzero_ps(), b1 = _mm256_setzero_ps(), c1 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
+    __m256 a2 = _mm256_setzero_ps(), b2 = _mm256_setzero_ps(), c2 = _mm256_setzero_ps(), d2 = _mm256_setzero_ps();
+    for (int64_t k = 0; k < K; k++) {
+        if (ahead) {
+            _mm_prefetch(ahead + k * PANEL * sizeof(float), _MM_HINT_T1);
+            _mm_prefetch(ahead + (K + k) * PANEL * sizeof(float), _MM_HINT_T1);
+        }
+        __m256 w0 = _mm256_loadu_ps(wp + k * PANEL), w1 = _mm256_loadu_ps(wp + k * PANEL + 8);
+        PAIR_FMA(0, a0, b0) PAIR_FMA(1, a1, b1) PAIR_FMA(2, a2, b2)
+        w0 = _mm256_loadu_ps(wq + k * PANEL), w1 = _mm256_loadu_ps(wq + k * PANEL + 8);
+        PAIR_FMA(0, c0, d0) PAIR_FMA(1, c1, d1) PAIR_FMA(2, c2, d2)
+    }
+    float out[PANEL];
+    const float *bq = bias ? bias + PANEL : 0;
+    float *yq = y + PANEL;
+    PAIR_STORE(0, a0, b0, y, PANEL, bias) PAIR_STORE(1, a1, b1, y, PANEL, bias) PAIR_STORE(2, a2, b2, y, PANEL, bias)
+    PAIR_STORE(0, c0, d0, yq, cols, bq) PAIR_STORE(1, c1, d1, yq, cols, bq) PAIR_STORE(2, c2, d2, yq, cols, bq)
+}
+
 /* x [m, k] and y [m, n] row-major and contiguous; bias [n] or NULL; wp as above. */
 void linear_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n, const float *bias,
                 float *y, int threads) {
@@ -62,24 +103,40 @@ void linear_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n
     for (int64_t m0 = 0; m0 < m; m0 += CHUNK) {
         const int64_t rows = m - m0 < CHUNK ? m - m0 : CHUNK;
         #pragma omp for schedule(static)
-        for (int64_t p = 0; p < panels; p++) {
+        for (int64_t q = 0; q < (panels + 1) / 2; q++) {  /* two neighbouring panels per iteration */
+            const int64_t p = 2 * q, np = panels - p < 2 ? panels - p : 2;
             const float *w = wp + p * k * PANEL;
-            const int cols = (int)(n - p * PANEL < PANEL ? n - p * PANEL : PANEL);
+            const int cols = (int)(n - (p + np - 1) * PANEL < PANEL ? n - (p + np - 1) * PANEL : PANEL);
             const float *b = bias ? bias + p * PANEL : 0;
-            /* While the first rows stream this panel from memory, fetch a later one, so that the
+            /* While the first rows stream these panels from memory, fetch later ones, so that the
              * other row blocks' arithmetic overlaps memory traffic instead of waiting for it. */
-            const char *later = p + AHEAD < panels ? (const char *)(wp + (p + AHEAD) * k * PANEL) : 0;
+            const char *later = p + 2 * AHEAD + 1 < panels ? (const char *)(wp + (p + 2 * AHEAD) * k * PANEL) : 0;
             for (int64_t r0 = 0; r0 < rows; r0 += GROUP) {
+                const int64_t size = rows - r0 < GROUP ? rows - r0 : GROUP;
                 const float *xr = x + (m0 + r0) * k;
                 const char *ahead = r0 == 0 ? later : 0;
                 float *yr = y + (m0 + r0) * n + p * PANEL;
-                switch (rows - r0 < GROUP ? rows - r0 : GROUP) {
-                case 1: block(1, k, xr, k, w, yr, n, cols, b, ahead); break;
-                case 2: block(2, k, xr, k, w, yr, n, cols, b, ahead); break;
-                case 3: block(3, k, xr, k, w, yr, n, cols, b, ahead); break;
-                case 4: block(4, k, xr, k, w, yr, n, cols, b, ahead); break;
-                case 5: block(5, k, xr, k, w, yr, n, cols, b, ahead); break;
-                default: block(6, k, xr, k, w, yr, n, cols, b, ahead); break;
+                if (np == 2 && size < 4) {
+                    switch (size) {
+                    case 1: pair(1, k, xr, k, w, yr, n, cols, b, ahead); break;
+                    case 2: pair(2, k, xr, k, w, yr, n, cols, b, ahead); break;
+                    default: pair(3, k, xr, k, w, yr, n, cols, b, ahead); break;
+                    }
+                    continue;
+                }
+                for (int64_t i = 0; i < np; i++) {
+                    const float *wi = w + i * k * PANEL, *bi = b ? b + i * PANEL : 0;
+                    const char *ai = ahead ? ahead + i * k * PANEL * sizeof(float) : 0;
+                    const int ci = i == np - 1 ? cols : PANEL;
+                    float *yi = yr + i * PANEL;
+                    switch (size) {
+                    case 1: block(1, k, xr, k, wi, yi, n, ci, bi, ai); break;
+                    case 2: block(2, k, xr, k, wi, yi, n, ci, bi, ai); break;
+                    case 3: block(3, k, xr, k, wi, yi, n, ci, bi, ai); break;
+                    case 4: block(4, k, xr, k, wi, yi, n, ci, bi, ai); break;
+                    case 5: block(5, k, xr, k, wi, yi, n, ci, bi, ai); break;
+                    default: block(6, k, xr, k, wi, yi, n, ci, bi, ai); break;
+                    }
                 }
             }
         }
