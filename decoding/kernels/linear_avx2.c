@@ -1,8 +1,8 @@
 /* y = x W^T + b in float32 for x86-64 CPUs with AVX2 and FMA: the products of decoding, where x has
  * a few rows (one token, a draft tree) and W is read from memory once per call.
  *
- * Why our own: oneDNN's prepacked kernel, the best torch offers here, took 36.6 ms for one row of
- * SmolLM2-135M's products and 67.4 ms for 16 rows on a 2-core AVX2 CPU; this one 29.6 and 49.3 ms
+ * Why our own: oneDNN's prepacked kernel, the best torch offers here, took 32.6 ms for one row of
+ * SmolLM2-135M's products and 61.9 ms for 16 rows on a 2-core AVX2 CPU; this one 24.2 and 41.0 ms
  * (bench/linear_kernel.py, docs/linear_kernel.txt). Each 16-column panel of W is streamed once and
  * applied to up to six rows held in registers, so more rows cost arithmetic, not memory traffic.
  *
