@@ -101,9 +101,14 @@ def kernel() -> ctypes.CDLL | None:
         return _loaded["lib"]
 
 
+def kernel_for(device: torch.device, dtype: torch.dtype) -> ctypes.CDLL | None:
+    """The kernel for weights on this device and dtype: CPU float32 only (never built elsewhere)."""
+    return kernel() if device.type == "cpu" and dtype == torch.float32 else None
+
+
 def in_use(device: torch.device, dtype: torch.dtype) -> str:
     """Whose products a model on this device and dtype runs: "avx2" (ours) or "torch"."""
-    return "avx2" if device.type == "cpu" and dtype == torch.float32 and kernel() is not None else "torch"
+    return "avx2" if kernel_for(device, dtype) is not None else "torch"
 
 
 def unavailable_reason() -> str | None:

@@ -513,8 +513,7 @@ class Linear:
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         self.bias = None if bias is None else bias.contiguous()
         self.out_features, self.in_features = weight.shape
-        cpu_f32 = weight.device.type == "cpu" and weight.dtype == torch.float32
-        self.kernel = cpu_linear.kernel() if cpu_f32 else None
+        self.kernel = cpu_linear.kernel_for(weight.device, weight.dtype)
         self.packed = self.kernel is not None or _mkldnn_usable(weight.device, weight.dtype)
         if self.kernel is not None:
             self.weight = cpu_linear.pack(weight)

@@ -19,21 +19,23 @@
 #define PANEL 16   /* output columns per panel: two 8-float registers */
 #define GROUP 6    /* rows per register block: 12 accumulators, 2 weights, 1 broadcast */
 #define CHUNK 64   /* rows per pass over W: their inputs stay in cache while W streams */
-#define AHEAD 2    /* the first row block of a panel prefetches the panel this far ahead into L2 */
+#define AHEAD 2    /* the first row block of a panel pair prefetches the pair this many pairs ahead into L2 */
 
-/* One accumulator pair per row r < R; R is a constant in every call below, so the branches fold. */
-#define ROW_FMA(r)                                                              \
+/* Row r's accumulator pair (lo, hi) takes one k step against the weights w0, w1; R is a constant in
+ * every call below, so the branches fold. */
+#define ROW_FMA(r, lo, hi)                                                      \
     if (R > r) {                                                                \
         __m256 a = _mm256_broadcast_ss(x + (r) * ldx + k);                      \
-        lo##r = _mm256_fmadd_ps(a, w0, lo##r);                                  \
-        hi##r = _mm256_fmadd_ps(a, w1, hi##r);                                  \
+        lo = _mm256_fmadd_ps(a, w0, lo);                                        \
+        hi = _mm256_fmadd_ps(a, w1, hi);                                        \
     }
-#define ROW_STORE(r)                                                            \
+/* Row r's pair into its first `cols` outputs of yy, plus the bias bb (or none). */
+#define ROW_STORE(r, lo, hi, yy, cols, bb)                                      \
     if (R > r) {                                                                \
-        _mm256_storeu_ps(out, lo##r);                                           \
-        _mm256_storeu_ps(out + 8, hi##r);                                       \
+        _mm256_storeu_ps(out, lo);                                              \
+        _mm256_storeu_ps(out + 8, hi);                                          \
         for (int j = 0; j < cols; j++)                                          \
-            y[(r) * ldy + j] = bias ? out[j] + bias[j] : out[j];                \
+            yy[(r) * ldy + j] = bb ? out[j] + bb[j] : out[j];                   \
     }
 
 static inline __attribute__((always_inline)) void
@@ -48,29 +50,17 @@ block(const int R, int64_t K, const float *x, int64_t ldx, const float *wp, floa
     for (int64_t k = 0; k < K; k++) {
         if (ahead) _mm_prefetch(ahead + k * PANEL * sizeof(float), _MM_HINT_T1);  /* one line per k */
         __m256 w0 = _mm256_loadu_ps(wp + k * PANEL), w1 = _mm256_loadu_ps(wp + k * PANEL + 8);
-        ROW_FMA(0) ROW_FMA(1) ROW_FMA(2) ROW_FMA(3) ROW_FMA(4) ROW_FMA(5)
+        ROW_FMA(0, lo0, hi0) ROW_FMA(1, lo1, hi1) ROW_FMA(2, lo2, hi2)
+        ROW_FMA(3, lo3, hi3) ROW_FMA(4, lo4, hi4) ROW_FMA(5, lo5, hi5)
     }
     float out[PANEL];
-    ROW_STORE(0) ROW_STORE(1) ROW_STORE(2) ROW_STORE(3) ROW_STORE(4) ROW_STORE(5)
+    ROW_STORE(0, lo0, hi0, y, cols, bias) ROW_STORE(1, lo1, hi1, y, cols, bias) ROW_STORE(2, lo2, hi2, y, cols, bias)
+    ROW_STORE(3, lo3, hi3, y, cols, bias) ROW_STORE(4, lo4, hi4, y, cols, bias) ROW_STORE(5, lo5, hi5, y, cols, bias)
 }
 
 /* Fewer than four rows over two neighbouring panels at once: a lone row's two accumulators would
  * wait on each other's FMA latency (one FMA every two cycles); four to twelve keep both FMA units
  * busy. Each output is still one chain over k in order, as in block(). */
-#define PAIR_FMA(r, lo, hi)                                                     \
-    if (R > r) {                                                                \
-        __m256 a = _mm256_broadcast_ss(x + (r) * ldx + k);                      \
-        lo = _mm256_fmadd_ps(a, w0, lo);                                        \
-        hi = _mm256_fmadd_ps(a, w1, hi);                                        \
-    }
-#define PAIR_STORE(r, lo, hi, yy, cc, bb)                                       \
-    if (R > r) {                                                                \
-        _mm256_storeu_ps(out, lo);                                              \
-        _mm256_storeu_ps(out + 8, hi);                                          \
-        for (int j = 0; j < cc; j++)                                            \
-            yy[(r) * ldy + j] = bb ? out[j] + bb[j] : out[j];                   \
-    }
-
 static inline __attribute__((always_inline)) void
 pair(const int R, int64_t K, const float *x, int64_t ldx, const float *wp, float *y, int64_t ldy,
      int cols, const float *bias, const char *ahead) {
@@ -84,15 +74,15 @@ pair(const int R, int64_t K, const float *x, int64_t ldx, const float *wp, float
             _mm_prefetch(ahead + (K + k) * PANEL * sizeof(float), _MM_HINT_T1);
         }
         __m256 w0 = _mm256_loadu_ps(wp + k * PANEL), w1 = _mm256_loadu_ps(wp + k * PANEL + 8);
-        PAIR_FMA(0, a0, b0) PAIR_FMA(1, a1, b1) PAIR_FMA(2, a2, b2)
+        ROW_FMA(0, a0, b0) ROW_FMA(1, a1, b1) ROW_FMA(2, a2, b2)
         w0 = _mm256_loadu_ps(wq + k * PANEL), w1 = _mm256_loadu_ps(wq + k * PANEL + 8);
-        PAIR_FMA(0, c0, d0) PAIR_FMA(1, c1, d1) PAIR_FMA(2, c2, d2)
+        ROW_FMA(0, c0, d0) ROW_FMA(1, c1, d1) ROW_FMA(2, c2, d2)
     }
     float out[PANEL];
     const float *bq = bias ? bias + PANEL : 0;
     float *yq = y + PANEL;
-    PAIR_STORE(0, a0, b0, y, PANEL, bias) PAIR_STORE(1, a1, b1, y, PANEL, bias) PAIR_STORE(2, a2, b2, y, PANEL, bias)
-    PAIR_STORE(0, c0, d0, yq, cols, bq) PAIR_STORE(1, c1, d1, yq, cols, bq) PAIR_STORE(2, c2, d2, yq, cols, bq)
+    ROW_STORE(0, a0, b0, y, PANEL, bias) ROW_STORE(1, a1, b1, y, PANEL, bias) ROW_STORE(2, a2, b2, y, PANEL, bias)
+    ROW_STORE(0, c0, d0, yq, cols, bq) ROW_STORE(1, c1, d1, yq, cols, bq) ROW_STORE(2, c2, d2, yq, cols, bq)
 }
 
 /* x [m, k] and y [m, n] row-major and contiguous; bias [n] or NULL; wp as above. */
