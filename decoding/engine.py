@@ -54,8 +54,8 @@ def is_probe(step: int, plain_measured: int) -> bool:
             or (plain_measured < 8 and step % PROBE_EARLY == 0))
 
 
-# Every STRETCH_EVERY-th step, at STRETCH_AT, drafts twice the nodes the cost model chooses plus
-# one (so one node where it chooses none): a stretch probe, so that a tree size priced too dear (a
+# Every STRETCH_EVERY-th step, at STRETCH_AT, drafts half as many nodes again as the cost model
+# chooses, at least one more (cost_model.stretched; one node where it chooses none): a stretch probe, so that a tree size priced too dear (a
 # calibration timed on a busy machine, an outlying step) is measured and found out.
 STRETCH_EVERY = 16
 STRETCH_AT = 9
@@ -744,7 +744,7 @@ class Engine:
         seq.finish_reason = "error"
 
     def _size_trees(self, seqs: list[Sequence], trees: list[DraftTree], stretch: bool = False) -> list[DraftTree]:
-        """Keep each tree's likeliest nodes: as many as pay for themselves (about twice that on a
+        """Keep each tree's likeliest nodes: as many as pay for themselves (half as many again on a
         stretch probe, see CostModel.choose), or up to capacity when cost-aware sizing is off."""
         capacity = self.tree_capacity
         limits = [min(capacity, self.cache.max_len - s.past_len) - 1 for s in seqs]

@@ -1,6 +1,6 @@
 import pytest
 
-from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes
+from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes, stretched
 from decoding.tree import DraftTree, NodeKind
 
 
@@ -21,6 +21,19 @@ def test_choose_takes_free_tokens_and_stops_when_they_cost():
     c = flat_then_steep()
     # sequence 0 has 10 good candidates; only 7 fit in the flat region (root + 7 = 8 tokens)
     assert c.choose([[0.9] * 10], [63]) == [7]
+
+
+def test_a_stretch_probe_drafts_half_again():
+    """A stretch probe measures a size the model would not choose: half as many nodes again as
+    the choice, at least one more, within what the sequence may keep. (Twice plus one, as before,
+    cost LogitSpec's large trees about 1% of its speed; see cost_model.stretched.)"""
+    c = flat_then_steep()
+    assert c.choose([[0.9] * 10], [63], stretch=True) == [10]  # 7 chosen, 11 wanted, 10 there
+    assert c.choose([[0.9] * 30], [63], stretch=True) == [11]  # 7 chosen: 7 + 4
+    assert c.choose([[0.9] * 30], [8], stretch=True) == [8]  # the sequence's limit holds
+    nothing_pays = CostModel({1: 1.0, 2: 2.0, 64: 64.0}, max_tokens=64)
+    assert nothing_pays.choose([[0.5, 0.4, 0.3]], [63], stretch=True) == [1]
+    assert [stretched(k) for k in (0, 1, 2, 3, 4, 16)] == [1, 2, 3, 5, 6, 24]
 
 
 def test_choose_no_draft_when_nothing_pays():
