@@ -55,8 +55,9 @@ def is_probe(step: int, plain_measured: int) -> bool:
 
 
 # Every STRETCH_EVERY-th step, at STRETCH_AT, drafts half as many nodes again as the cost model
-# chooses, at least one more (cost_model.stretched; one node where it chooses none): a stretch probe, so that a tree size priced too dear (a
-# calibration timed on a busy machine, an outlying step) is measured and found out.
+# chooses, at least one more (cost_model.stretched; one node where it chooses none): a stretch
+# probe, so that a tree size priced too dear (a calibration timed on a busy machine, an outlying
+# step) is measured and found out.
 STRETCH_EVERY = 16
 STRETCH_AT = 9
 
