@@ -412,7 +412,7 @@ BACKOFF_BANDS = (4, 16, 64)
 def stretched(k: int) -> int:
     """Draft nodes on a stretch probe where the cost model chose k: half as many again, at least
     one more. Twice plus one (as before) spent more than a probe needs on large trees: in a
-    math_reasoning run a 16-node tree took 2.0 plain steps' time, its stretch to 33 nodes 3.1.
+    math_reasoning run a 16-node tree took about 2 plain steps' time, a 33-node one about 3.
     Replayed on the 63 recorded Spec-Bench turns (bench/draft_replay.py), half again raised
     modelled tokens per second for both methods under both kernel-era calibrations: LogitSpec
     +1.2% and +0.8%, PLD +0.3% and +1.7% (docs/bench_cpu_d3ea729.txt's and
