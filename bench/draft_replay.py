@@ -132,11 +132,17 @@ class Replay:
         self.shared_index = shared_index
         self.history: list[int] = []
 
-    def _tree(self, index: SuffixIndex, x0: int, guesses: list[int], hot: bool) -> DraftTree:
+    def _top(self, top: list[int]) -> tuple[list[int], list[int]]:
+        """The recorded top tokens a drafter takes (Engine._top), and the guesses among them."""
+        k = max(self.drafter.guesses, self.drafter.confirm)
+        top = top[:k + 1] if k else []
+        return top[:self.drafter.guesses + 1] if self.drafter.guesses else [], top
+
+    def _tree(self, index: SuffixIndex, x0: int, guesses: list[int], hot: bool, top: list[int]) -> DraftTree:
         drafter, stats, cost = self.drafter, self.stats, self.cost
         stretch = False
         if cost is None:
-            tree = drafter.propose(index, x0, guesses)
+            tree = drafter.propose(index, x0, guesses, top=top)
         else:
             self.steps_run += 1
             if is_probe(self.steps_run, self.probes):
@@ -147,7 +153,7 @@ class Replay:
             paying = stats.paying(drafter.openings(index, x0), floor, hot)
             if not paying and not stretch:
                 return DraftTree.root(x0)
-            tree = drafter.propose(index, x0, guesses if "guess" in paying else [])
+            tree = drafter.propose(index, x0, guesses if "guess" in paying else [], top=top)
         if hot:
             tree.kinds = [k and k.heated() for k in tree.kinds]
         probs = stats.node_probs(tree)
@@ -169,8 +175,8 @@ class Replay:
         i, steps, verified, seconds, oracle, hot = 0, 0, 0, 0.0, 0.0, False
         while i < len(answer):
             x0 = answer[i]
-            guesses = top[i][:self.drafter.guesses + 1] if self.drafter.guesses else []
-            tree = self._tree(index, x0, guesses, hot)
+            guesses, top_i = self._top(top[i])
+            tree = self._tree(index, x0, guesses, hot, top_i)
             path = accepted_path(tree, answer, i)
             if len(tree) > 1:
                 self.stats.record(tree, path)
@@ -185,8 +191,8 @@ class Replay:
             index, i = SuffixIndex(earlier + prompt), 0
             while i < len(answer):
                 x0 = answer[i]
-                guesses = top[i][:self.drafter.guesses + 1] if self.drafter.guesses else []
-                n = len(accepted_path(self.drafter.propose(index, x0, guesses), answer, i))
+                guesses, top_i = self._top(top[i])
+                n = len(accepted_path(self.drafter.propose(index, x0, guesses, top=top_i), answer, i))
                 oracle += self.cost.cost(n)
                 index.extend(answer[i:i + n])
                 i += n

@@ -40,7 +40,7 @@ class OracleGuessDrafter(LogitSpecDrafter):
         self.reference: list[int] = []
         self.covered = [0, 0]  # steps where the true next-next token was among the real guesses, steps
 
-    def propose(self, index, x0, guesses, echoes=()):
+    def propose(self, index, x0, guesses, echoes=(), top=()):
         i = len(index.tokens) - self.prompt_len  # x0 is output token i
         if i + 1 < len(self.reference):
             y = self.reference[i + 1]
@@ -48,7 +48,7 @@ class OracleGuessDrafter(LogitSpecDrafter):
             self.covered[0] += y in real
             self.covered[1] += 1
             guesses = [y] + [t for t in real if t != y]
-        return super().propose(index, x0, guesses, echoes)
+        return super().propose(index, x0, guesses, echoes, top)
 
 
 def main() -> int:

@@ -24,6 +24,7 @@ def _bucket(value: int, edges: tuple[int, ...]) -> int:
 MATCH_EDGES = (1, 2, 4, 8)  # match-length buckets: longer matches predict better
 RANK_EDGES = (1, 2, 4, 8, 16, 32)  # next-next guess rank buckets
 SHARE_EDGES = (0.25, 0.5, 0.99)  # share of recent occurrences that a next-token trie node continues
+CONFIRM_EDGES = (4,)  # a confirmed first token's rank among the last logit's top tokens (then up to `confirm`)
 
 # An echo (see Engine._keep_echoes): ("t", chain) from a rejected node that held the root's token,
 # ("s", chain) from a rejected node where the root now sits; chain: the target's predictions.
@@ -33,12 +34,16 @@ Echo = tuple[str, list[int]]
 class Drafter(Protocol):
     name: str
     guesses: int  # how many top-k tokens of the last logit the drafter wants (0 = none)
+    confirm: int  # how many of them may confirm a retrieved first token (0 = none; see LogitSpecDrafter)
     echoes: int  # how many echoes (token chains, see LogitSpecDrafter) the drafter wants (0 = none)
     forced: bool  # under a grammar, also draft the tokens it forces after the root (decoding/grammar.py)
     lookups: dict[str, list[int]]  # retrieval kind -> [lookups, hits], running totals for metrics
 
-    def propose(self, index: SuffixIndex, x0: int, guesses: list[int], echoes: Sequence[Echo] = ()) -> DraftTree:
-        """A candidate tree rooted at x0, the decided next token (not yet in `index`)."""
+    def propose(self, index: SuffixIndex, x0: int, guesses: list[int], echoes: Sequence[Echo] = (),
+                top: Sequence[int] = ()) -> DraftTree:
+        """A candidate tree rooted at x0, the decided next token (not yet in `index`). guesses: the
+        top tokens of the last logit to hang guess branches for (none when they cannot pay); top:
+        its top `max(guesses, confirm) + 1` tokens, whether or not guesses are drafted."""
         ...
 
     def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[NodeKind]:
@@ -52,13 +57,15 @@ class ArDrafter:
 
     name = "ar"
     guesses = 0
+    confirm = 0
     echoes = 0
     forced = False
 
     def __init__(self):
         self.lookups: dict[str, list[int]] = {}
 
-    def propose(self, index: SuffixIndex, x0: int, guesses: list[int], echoes: Sequence[Echo] = ()) -> DraftTree:
+    def propose(self, index: SuffixIndex, x0: int, guesses: list[int], echoes: Sequence[Echo] = (),
+                top: Sequence[int] = ()) -> DraftTree:
         return DraftTree.root(x0)
 
     def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[NodeKind]:
@@ -70,6 +77,7 @@ class PldDrafter:
 
     name = "pld"
     guesses = 0
+    confirm = 0
     echoes = 0
     forced = True
 
@@ -92,7 +100,8 @@ class PldDrafter:
             m = _bucket(match_len, MATCH_EDGES)
             tree.add_chain(0, chain, [NodeKind("pld", (f"m{m}",), d) for d in range(1, len(chain) + 1)])
 
-    def propose(self, index: SuffixIndex, x0: int, guesses: list[int], echoes: Sequence[Echo] = ()) -> DraftTree:
+    def propose(self, index: SuffixIndex, x0: int, guesses: list[int], echoes: Sequence[Echo] = (),
+                top: Sequence[int] = ()) -> DraftTree:
         tree = DraftTree.root(x0)
         self.add_chain(tree, index, x0)
         return tree
@@ -113,14 +122,23 @@ class LogitSpecDrafter:
     And PLD's chain (the earliest occurrence of the longest match of up to 3 tokens, which the
     trie of the latest occurrences of the longest match may not hold), under PLD's own kinds: the
     candidate tree always holds what `pld` would draft, ranked by the same statistics.
+
+    The last logit also confirms: a first token that retrieval (or an echo) proposes and that is
+    among the logit's top `confirm` tokens (x0 aside) is likelier to be accepted than one the
+    logit does not rank, so each such branch's kinds, first node to leaves, carry a confirmation
+    detail (c1: rank <= 4, c2: rank <= confirm, c0: not among them). In the replay of 63
+    Spec-Bench answers (bench/draft_replay.py, whole trees), next-token first nodes were accepted
+    56% / 37% / 14% of the time as c1 / c2 / c0, their children 29% / 21% / 9%; without the
+    detail, their kinds had averaged over all three.
     """
 
     name = "logitspec"
     forced = True
 
     def __init__(self, guesses: int = 48, next_tokens: int = 48, recent: int = 16, max_match: int = 32,
-                 echoes: int = 4, search: int = 256):
+                 echoes: int = 4, search: int = 256, confirm: int = 48):
         self.guesses = guesses
+        self.confirm = confirm
         self.next_tokens = next_tokens  # depth of the latest occurrence's branch; the others get half
         self.recent = recent  # occurrences in the next-token trie
         self.max_match = max_match
@@ -149,17 +167,19 @@ class LogitSpecDrafter:
         tree.add_chain(node, chain, [NodeKind(family, (detail, f"m{m}"), d) for d in range(2, len(chain) + 2)])
 
     def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[NodeKind]:
-        kinds = [NodeKind("guess", (f"r{_bucket(1, RANK_EDGES)}",), 1)] if self.guesses else []
-        kinds += [NodeKind("echo", (self._echo_detail(tag, rank),), 1) for tag in "ts"
-                  for rank in range(min(3, sum(t == tag for t, _ in echoes)))]
+        kinds = [NodeKind("echo", (self._echo_detail(tag, rank),), 1) for tag in "ts"
+                 for rank in range(min(3, sum(t == tag for t, _ in echoes)))]
         match_len, _ = index.match(index.tokens[-(self.max_match - 1):] + [x0], self.max_match)
         if match_len:
             m = _bucket(match_len, MATCH_EDGES)
             kinds += [NodeKind("next", (f"m{m}", f"s{s}"), 1) for s in range(len(SHARE_EDGES) + 1)]
-        return kinds + self.pld.openings(index, x0)
+        kinds += self.pld.openings(index, x0)
+        if self.confirm:  # without the logit at hand, each as it may be confirmed
+            kinds = [k._replace(details=k.details + (f"c{c}",)) for k in kinds for c in range(len(CONFIRM_EDGES) + 2)]
+        return kinds + ([NodeKind("guess", (f"r{_bucket(1, RANK_EDGES)}",), 1)] if self.guesses else [])
 
     def propose(self, index: SuffixIndex, x0: int, guesses: list[int],
-                echoes: Sequence[Echo] = ()) -> DraftTree:
+                echoes: Sequence[Echo] = (), top: Sequence[int] = ()) -> DraftTree:
         tree = DraftTree.root(x0)
         tokens = index.tokens
         context = tokens[-(self.max_match - 1):] + [x0]
@@ -202,7 +222,24 @@ class LogitSpecDrafter:
             if match_len:
                 counter[1] += 1
                 self._add_retrieved(tree, node, tokens, start, self.guess_length(rank), match_len, "guess", f"r{r}")
+        if self.confirm and top:
+            self._confirm(tree, [t for t in top if t != x0][:self.confirm])
         return tree
+
+    def _confirm(self, tree: DraftTree, top: list[int]) -> None:
+        """Add each branch's confirmation detail (see the class) to its kinds, guesses aside (their
+        rank is their detail already). Parents precede children, so one pass down the tree."""
+        rank = {t: r for r, t in enumerate(top, 1)}
+        tag = [""] * len(tree)
+        for i in range(1, len(tree)):
+            kind = tree.kinds[i]
+            if tree.depths[i] == 1:
+                r = rank.get(tree.tokens[i])
+                tag[i] = "c0" if r is None else f"c{1 + _bucket(r, CONFIRM_EDGES)}"
+            else:
+                tag[i] = tag[tree.parents[i]]
+            if kind.family != "guess":
+                tree.kinds[i] = kind._replace(details=kind.details + (tag[i],))
 
 
 DRAFTERS = {"ar": ArDrafter, "pld": PldDrafter, "logitspec": LogitSpecDrafter}

@@ -89,7 +89,7 @@ class Sequence:
     root: int = -1  # the decided next token, not yet in the cache
     cache_namespace: str = ""  # prefix-cache blocks are shared within one namespace only
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
-    root_logits: torch.Tensor | None = None  # [vocab] the last logit, kept for LogitSpec's guesses
+    root_logits: torch.Tensor | None = None  # [vocab] the last logit, kept for its top tokens (Engine._top)
     echoes: list[Echo] = field(default_factory=list)  # LogitSpec's echoes for the root (Engine._keep_echoes)
     # Grammar the output must follow (decoding/grammar.py): consulted when drafting (pruning), when
     # verifying (masked rows) and when deciding the root; None = unconstrained.
@@ -502,16 +502,17 @@ class Engine:
         seq.root = token
         if seq.logprobs is not None:
             seq._root_logprob = self._logprob(logits, token, seq.logprobs)
-        # The guesses are taken only if this sequence drafts next step (see step): a copy of the
-        # row, not a view that would keep the whole step's logits alive.
-        seq.root_logits = logits.clone() if seq.drafter.guesses else None
+        # The top tokens are taken only if this sequence drafts next step (see step): a copy of
+        # the row, not a view that would keep the whole step's logits alive.
+        seq.root_logits = logits.clone() if seq.drafter.guesses or seq.drafter.confirm else None
 
     @staticmethod
-    def _guesses(seq: Sequence) -> list[int]:
-        """The top-k tokens of the last logit (x0 among them), LogitSpec's next-next guesses."""
+    def _top(seq: Sequence) -> list[int]:
+        """The top tokens of the last logit (x0 among them): LogitSpec's next-next guesses and the
+        tokens that confirm a retrieved first token (Drafter.propose)."""
         if seq.root_logits is None:
             return []
-        return seq.root_logits.topk(seq.drafter.guesses + 1).indices.tolist()
+        return seq.root_logits.topk(max(seq.drafter.guesses, seq.drafter.confirm) + 1).indices.tolist()
 
     @staticmethod
     def _logprob(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
@@ -579,7 +580,8 @@ class Engine:
             guess = "guess" in paying
             if "echo" not in paying:
                 echoes = []
-        tree = seq.drafter.propose(seq.index, seq.root, self._guesses(seq) if guess else [], echoes)
+        top = self._top(seq)
+        tree = seq.drafter.propose(seq.index, seq.root, top[:seq.drafter.guesses + 1] if guess else [], echoes, top)
         if hot:
             tree.kinds = [k and k.heated() for k in tree.kinds]
         if seq.constraint is not None:

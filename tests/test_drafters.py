@@ -68,6 +68,29 @@ def test_logitspec_next_trie_over_recent_occurrences():
     assert set(t2.children(0)) == {5, 1} and set(t2.children(t2.children(0)[1])) == {2}
 
 
+def test_logitspec_branches_carry_whether_the_last_logit_confirms_their_first_token():
+    index = SuffixIndex([1, 2, 3, 4, 2, 9, 8, 1, 2])
+    top = [3, 5, 6, 7, 8, 4]  # the last logit's top tokens, x0 = 3 first: 5 ranks 1, 8 ranks 4, 4 ranks 5
+    d = LogitSpecDrafter(guesses=0, next_tokens=2, echoes=1, confirm=5)
+    t = d.propose(index, 3, [], echoes=[("t", [9]), ("s", [5])], top=top)
+    n4, n9, n5 = (t.children(0)[tok] for tok in (4, 9, 5))
+    assert str(t.kinds[n4]) == "next:m2:s3:c2:1" and str(t.kinds[t.children(n4)[2]]) == "next:m2:s3:c2:2"
+    assert str(t.kinds[n5]) == "echo:s0:c1:1"  # rank 1
+    assert str(t.kinds[n9]) == "echo:t0:c0:1"  # not among the top
+    under9 = [v for v in range(len(t)) if n9 in t.path_to(v)]
+    assert len(under9) == 4 and all(t.kinds[v].details[-1] == "c0" for v in under9)  # 9 8 1 2, the whole branch
+    # beyond `confirm` ranks, or without the logit, no branch is confirmed
+    t = LogitSpecDrafter(guesses=0, next_tokens=2, confirm=4).propose(index, 3, [], top=top)
+    assert str(t.kinds[t.children(0)[4]]) == "next:m2:s3:c0:1"
+    t = d.propose(index, 3, [])
+    assert str(t.kinds[t.children(0)[4]]) == "next:m2:s3:1"
+    # the cheap look at first nodes (Drafter.openings) holds every confirmation a first node may get
+    assert {str(k) for k in d.openings(index, 3) if k.details[:2] == ("m2", "s3")} == {
+        "next:m2:s3:c0:1", "next:m2:s3:c1:1", "next:m2:s3:c2:1"}
+    t = LogitSpecDrafter(guesses=0, next_tokens=2, confirm=0).propose(index, 3, [], top=top)
+    assert str(t.kinds[t.children(0)[4]]) == "next:m2:s3:1"
+
+
 def test_logitspec_echoes_are_branches_under_the_root():
     index = SuffixIndex([1, 2, 3, 4, 2, 9, 8, 1, 2])
     d = LogitSpecDrafter(guesses=0, next_tokens=2, echoes=1)
@@ -78,7 +101,7 @@ def test_logitspec_echoes_are_branches_under_the_root():
     assert chain_below(t, n9) == [8, 1, 2] and str(t.kinds[n9]) == "echo:t0:1"
     assert chain_below(t, n6) == [7] and str(t.kinds[n6]) == "echo:s0:1"
     assert t.kinds[t.children(n6)[7]] == NodeKind("echo", ("s0", "w"), 2)
-    echo = NodeKind("echo", ("t0",), 1)
+    echo = NodeKind("echo", ("t0", "c1"), 1)  # (as the last logit may confirm it, see the next test)
     assert echo in d.openings(index, 3, [("t", [9])]) and echo not in d.openings(index, 3, [])
 
 

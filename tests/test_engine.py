@@ -153,7 +153,8 @@ def test_proposals_skipped_when_no_node_could_pay(tiny_loaded, calibration, prop
 @pytest.mark.parametrize("guesses_fail", [True, False])
 def test_branches_that_cannot_pay_are_not_built(tiny_loaded, guesses_fail):
     """Where guesses have shown they are (almost) never accepted, LogitSpec proposes without them
-    (no top-k, no retrievals) while its next-token branch, which may pay, is still built."""
+    (no guess branches, no retrievals for them) while its next-token branch, which may pay, is
+    still built."""
     from decoding.tree import NodeKind
 
     engine = Engine(EngineConfig(method="logitspec", max_context=256), loaded=tiny_loaded)
@@ -164,13 +165,16 @@ def test_branches_that_cannot_pay_are_not_built(tiny_loaded, guesses_fail):
             engine.stats.kinds[NodeKind("guess", (), 1, hot)] = [1e6, 0.0]
     seen = []
     propose = engine.drafter.propose
-    engine.drafter.propose = lambda index, x0, guesses, echoes=(): seen.append(guesses) or propose(
-        index, x0, guesses, echoes)
+    tops = []
+    engine.drafter.propose = lambda index, x0, guesses, echoes=(), top=(): (
+        seen.append(guesses), tops.append(top)) and propose(index, x0, guesses, echoes, top)
     prompt = [2, 7, 8, 9, 7, 8, 9, 7, 8, 9]
     seq = engine.generate(prompt, SamplingParams(), 12)
     assert engine.cost.break_even() > 1e-3
     assert seen, "the next-token branch could pay, so proposals were made"
     assert all(g == [] for g in seen) == guesses_fail
+    # the last logit's top tokens still confirm retrieved first tokens (LogitSpecDrafter._confirm)
+    assert all(len(top) == engine.drafter.confirm + 1 for top in tops)
     assert seq.output == engine.generate(prompt, SamplingParams(), 12).output
 
 

@@ -61,7 +61,8 @@ def test_speculative_sampling_matches_plain_sampling_on_real_logits(real_engines
     try:
         # A real LogitSpec tree under the decided root, plus the root's own likeliest next tokens
         # (from a first real forward) so that acceptance, not only rejection, is exercised.
-        tree = engine.drafter.propose(seq.index, seq.root, engine._guesses(seq))
+        top = engine._top(seq)
+        tree = engine.drafter.propose(seq.index, seq.root, top, top=top)
         tree = tree.subtree(list(range(min(len(tree), 16))))
 
         def forward(t):
