@@ -239,7 +239,7 @@ class LogitSpecDrafter:
             else:
                 tag[i] = tag[tree.parents[i]]
             if kind.family != "guess":
-                tree.kinds[i] = kind._replace(details=kind.details + (tag[i],))
+                tree.kinds[i] = kind.detailed(tag[i])
 
 
 DRAFTERS = {"ar": ArDrafter, "pld": PldDrafter, "logitspec": LogitSpecDrafter}

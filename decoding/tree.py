@@ -41,6 +41,11 @@ class NodeKind(NamedTuple):
     def heated(self) -> "NodeKind":
         return self._replace(hot=True)
 
+    @functools.cache
+    def detailed(self, detail: str) -> "NodeKind":
+        """The kind with one more, finest detail."""
+        return self._replace(details=(*self.details, detail))
+
     def __str__(self) -> str:
         return ("h." if self.hot else "") + ":".join((self.family, *self.details, str(self.depth)))
 
