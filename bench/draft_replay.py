@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes  # noqa: E402
-from decoding.drafters import make_drafter  # noqa: E402
+from decoding.drafters import make_drafter, top_wanted  # noqa: E402
 from decoding.engine import is_probe, is_stretch  # noqa: E402
 from decoding.specbench import DEFAULT_DATA, read_questions  # noqa: E402
 from decoding.tree import DraftTree  # noqa: E402
@@ -134,7 +134,7 @@ class Replay:
 
     def _top(self, top: list[int]) -> tuple[list[int], list[int]]:
         """The recorded top tokens a drafter takes (Engine._top), and the guesses among them."""
-        k = max(self.drafter.guesses, self.drafter.confirm)
+        k = top_wanted(self.drafter)
         top = top[:k + 1] if k else []
         return top[:self.drafter.guesses + 1] if self.drafter.guesses else [], top
 

@@ -52,6 +52,11 @@ class Drafter(Protocol):
         ...
 
 
+def top_wanted(drafter: Drafter) -> int:
+    """How many of the last logit's top tokens besides x0 the drafter takes (Drafter.propose's `top`)."""
+    return max(drafter.guesses, drafter.confirm)
+
+
 class ArDrafter:
     """Plain autoregressive decoding: the tree is the root alone."""
 
@@ -175,7 +180,7 @@ class LogitSpecDrafter:
             kinds += [NodeKind("next", (f"m{m}", f"s{s}"), 1) for s in range(len(SHARE_EDGES) + 1)]
         kinds += self.pld.openings(index, x0)
         if self.confirm:  # without the logit at hand, each as it may be confirmed
-            kinds = [k._replace(details=k.details + (f"c{c}",)) for k in kinds for c in range(len(CONFIRM_EDGES) + 2)]
+            kinds = [k.detailed(f"c{c}") for k in kinds for c in range(len(CONFIRM_EDGES) + 2)]
         return kinds + ([NodeKind("guess", (f"r{_bucket(1, RANK_EDGES)}",), 1)] if self.guesses else [])
 
     def propose(self, index: SuffixIndex, x0: int, guesses: list[int],

@@ -27,7 +27,7 @@ import torch
 from decoding import calibration_cache, cpu_linear
 from decoding.config import METHODS, EngineConfig, parse_size
 from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes
-from decoding.drafters import Drafter, Echo, make_drafter
+from decoding.drafters import Drafter, Echo, make_drafter, top_wanted
 from decoding.kv_cache import KVCacheFull, bytes_per_token
 from decoding.grammar import Constraint, Grammars
 from decoding.loader import LoadedModel, load, log
@@ -504,7 +504,7 @@ class Engine:
             seq._root_logprob = self._logprob(logits, token, seq.logprobs)
         # The top tokens are taken only if this sequence drafts next step (see step): a copy of
         # the row, not a view that would keep the whole step's logits alive.
-        seq.root_logits = logits.clone() if seq.drafter.guesses or seq.drafter.confirm else None
+        seq.root_logits = logits.clone() if top_wanted(seq.drafter) else None
 
     @staticmethod
     def _top(seq: Sequence) -> list[int]:
@@ -512,7 +512,7 @@ class Engine:
         tokens that confirm a retrieved first token (Drafter.propose)."""
         if seq.root_logits is None:
             return []
-        return seq.root_logits.topk(max(seq.drafter.guesses, seq.drafter.confirm) + 1).indices.tolist()
+        return seq.root_logits.topk(top_wanted(seq.drafter) + 1).indices.tolist()
 
     @staticmethod
     def _logprob(logits: torch.Tensor, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
