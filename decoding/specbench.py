@@ -85,6 +85,9 @@ class BenchResult:
     categories: dict[str, dict[str, Tally]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(Tally)))
     mismatches: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     split: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Each method's turns by its place in the turn's order (0 = ran first): a place that runs
+    # faster whatever the method is the machine's doing, which turn_order spreads over all methods.
+    places: dict[str, dict[int, Tally]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(Tally)))
 
     def to_json(self, methods: list[str]) -> dict:
         out = {"model": self.model, "device": self.device, "max_new_tokens": self.max_new_tokens, "methods": {}}
@@ -96,6 +99,9 @@ class BenchResult:
             }
             if m in self.split:
                 out["methods"][m]["time_split"] = self.split[m]
+            if m in self.places:
+                out["methods"][m]["by_place"] = {str(k): self.places[m][k].summary(None)
+                                                 for k in sorted(self.places[m])}
         out["mismatches"] = {m: self.mismatches[m] for m in methods if m != "ar" and "ar" in methods}
         return out
 
@@ -126,7 +132,7 @@ def run_bench(data: Path, methods: list[str], per_category: int | None, max_new_
         histories = {m: [] for m in methods}
         for turn in q["turns"]:
             outputs = {}
-            for m in turn_order(methods, done):
+            for place, m in enumerate(turn_order(methods, done)):
                 engine = engines[m]
                 histories[m].append({"role": "user", "content": turn})
                 prompt = engine.chat_prompt(histories[m])
@@ -137,6 +143,7 @@ def run_bench(data: Path, methods: list[str], per_category: int | None, max_new_
                 histories[m].append({"role": "assistant", "content": engine.tokenizer.decode(seq.output)})
                 result.overall[m].add(len(seq.output), seq.steps, seconds)
                 result.categories[q["category"]][m].add(len(seq.output), seq.steps, seconds)
+                result.places[m][place].add(len(seq.output), seq.steps, seconds)
             for m in methods:
                 if m != "ar" and "ar" in outputs and outputs[m] != outputs["ar"]:
                     result.mismatches[m] += 1
@@ -177,6 +184,12 @@ def format_table(report: dict) -> str:
             lines.append(f"{m} step time: draft {split['draft_pct']}%, masks {split['mask_pct']}%, "
                          f"forward {split['forward_pct']}%, verify {split['verify_pct']}% over {split['steps']} steps; "
                          f"{split['ms_per_step']} ms and {split['tokens_per_forward']} tokens verified per step")
+    for m in methods:
+        by_place = report["methods"][m].get("by_place")
+        if by_place and len(by_place) > 1:
+            lines.append(f"{m} tok/s by place in the turn's order (1 = ran first): "
+                         + ", ".join(f"{int(k) + 1}: {s['tokens_per_s']} ({s['new_tokens']} tokens)"
+                                     for k, s in by_place.items()))
     return "\n".join(lines)
 
 

@@ -74,3 +74,15 @@ def test_turn_order_rotates():
     assert [specbench.turn_order(["a", "b", "c"], t) for t in range(4)] == [
         ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
     assert specbench.turn_order(["ar"], 5) == ["ar"]
+
+
+def test_the_report_splits_each_method_by_its_place_in_the_order(tmp_path, monkeypatch):
+    methods = ["ar", "pld"]
+    questions = [{"category": "c", "turns": ["one", "two", "three"]}]
+    report = _bench(tmp_path, monkeypatch, methods, questions).to_json(methods)
+    for m in methods:
+        places = report["methods"][m]["by_place"]
+        assert sum(p["new_tokens"] for p in places.values()) == report["methods"][m]["overall"]["new_tokens"]
+    # ar ran first at turns 1 and 3, second at turn 2 (three tokens each).
+    assert {k: p["new_tokens"] for k, p in report["methods"]["ar"]["by_place"].items()} == {"0": 6, "1": 3}
+    assert "tok/s by place in the turn's order" in specbench.format_table(report)
