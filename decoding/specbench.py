@@ -4,7 +4,7 @@ Questions come in Spec-Bench's question.jsonl format (question_id, category, tur
 questions run as one conversation: each turn's prompt holds the earlier turns and that method's
 own answers. Methods are interleaved per turn so that machine noise hits them alike, and their
 order rotates from turn to turn (turn_order) so that no method always runs first or last: with a
-fixed order the last method measured a few percent faster than in other places.
+fixed order, a run with pld last put logitspec / pld several percent below runs with logitspec last.
 """
 
 from __future__ import annotations
@@ -85,8 +85,9 @@ class BenchResult:
     categories: dict[str, dict[str, Tally]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(Tally)))
     mismatches: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     split: dict[str, dict[str, float]] = field(default_factory=dict)
-    # Each method's turns by its place in the turn's order (0 = ran first): a place that runs
-    # faster whatever the method is the machine's doing, which turn_order spreads over all methods.
+    # Each method's turns by its place in the turn's order (0 = ran first). The rotation is fixed,
+    # so a method's place k holds the same turns in every run: a place's figure mixes the place
+    # with those turns' content (least for ar, whose speed depends little on content).
     places: dict[str, dict[int, Tally]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(Tally)))
 
     def to_json(self, methods: list[str]) -> dict:
@@ -141,9 +142,8 @@ def run_bench(data: Path, methods: list[str], per_category: int | None, max_new_
                 seconds = time.perf_counter() - t0
                 outputs[m] = seq.output
                 histories[m].append({"role": "assistant", "content": engine.tokenizer.decode(seq.output)})
-                result.overall[m].add(len(seq.output), seq.steps, seconds)
-                result.categories[q["category"]][m].add(len(seq.output), seq.steps, seconds)
-                result.places[m][place].add(len(seq.output), seq.steps, seconds)
+                for tally in result.overall[m], result.categories[q["category"]][m], result.places[m][place]:
+                    tally.add(len(seq.output), seq.steps, seconds)
             for m in methods:
                 if m != "ar" and "ar" in outputs and outputs[m] != outputs["ar"]:
                     result.mismatches[m] += 1
