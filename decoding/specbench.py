@@ -2,9 +2,13 @@
 
 Questions come in Spec-Bench's question.jsonl format (question_id, category, turns). Multi-turn
 questions run as one conversation: each turn's prompt holds the earlier turns and that method's
-own answers. Methods are interleaved per turn so that machine noise hits them alike, and their
-order rotates from turn to turn (turn_order) so that no method always runs first or last: with a
-fixed order, a run with pld last put logitspec / pld several percent below runs with logitspec last.
+own answers. The methods run each turn side by side, one decoding step at a time: the next step is
+always the one of the method that has spent least time on the turn so far (prefill included), so
+that while two methods are both decoding, the machine's slow and fast moments fall on both alike.
+This VM's speed drifts by up to 1.5x within minutes; with whole turns run one method after another
+(as before), three runs of the same code put logitspec at 1.075x, 1.116x and 1.070x pld overall
+and moved a category's ratio by up to 0.4 from run to run. The prefills run in an order rotated
+from turn to turn (turn_order), so that no method always starts first.
 """
 
 from __future__ import annotations
@@ -85,10 +89,6 @@ class BenchResult:
     categories: dict[str, dict[str, Tally]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(Tally)))
     mismatches: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     split: dict[str, dict[str, float]] = field(default_factory=dict)
-    # Each method's turns by its place in the turn's order (0 = ran first). The rotation is fixed,
-    # so a method's place k holds the same turns in every run: a place's figure mixes the place
-    # with those turns' content (least for ar, whose speed depends little on content).
-    places: dict[str, dict[int, Tally]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(Tally)))
 
     def to_json(self, methods: list[str]) -> dict:
         out = {"model": self.model, "device": self.device, "max_new_tokens": self.max_new_tokens, "methods": {}}
@@ -100,18 +100,46 @@ class BenchResult:
             }
             if m in self.split:
                 out["methods"][m]["time_split"] = self.split[m]
-            if m in self.places:
-                out["methods"][m]["by_place"] = {str(k): self.places[m][k].summary(None)
-                                                 for k in sorted(self.places[m])}
         out["mismatches"] = {m: self.mismatches[m] for m in methods if m != "ar" and "ar" in methods}
         return out
 
 
 def turn_order(methods: list[str], turn: int) -> list[str]:
-    """The order the methods run in at the bench's `turn`-th turn (0-based): rotated by one each
-    turn, so over any len(methods) consecutive turns each method takes each place once."""
+    """The order the methods prefill in at the bench's `turn`-th turn (0-based), which also breaks
+    ties in run_turn: rotated by one each turn, so over any len(methods) consecutive turns each
+    method takes each place once."""
     k = turn % len(methods)
     return methods[k:] + methods[:k]
+
+
+def run_turn(engines: dict[str, Engine], prompts: dict[str, list[int]], order: list[str],
+             max_new_tokens: int) -> tuple[dict, dict[str, float]]:
+    """One turn of every method, greedy, side by side (see the module docstring): prefills in
+    `order`, then one decoding step at a time, always of the running method that has spent least
+    time so far (ties: the earlier in `order`). Returns each method's finished sequence and its
+    seconds (prefill and steps)."""
+    greedy = SamplingParams()
+    seqs, spent = {}, {}
+    try:
+        for m in order:
+            t0 = time.perf_counter()
+            seqs[m] = engines[m].start_sequence(prompts[m], greedy, max_new_tokens)
+            spent[m] = time.perf_counter() - t0
+        running = [m for m in order if not seqs[m].finished]
+        while running:
+            m = min(running, key=spent.__getitem__)
+            t0 = time.perf_counter()
+            engines[m].step([seqs[m]])
+            spent[m] += time.perf_counter() - t0
+            if seqs[m].finished:
+                running.remove(m)
+    finally:
+        for m, seq in seqs.items():
+            engines[m].stop_sequence(seq)
+    for m, seq in seqs.items():
+        if seq.error is not None:
+            raise RuntimeError(f"{m}: generation failed: {seq.error}")
+    return seqs, spent
 
 
 def run_bench(data: Path, methods: list[str], per_category: int | None, max_new_tokens: int,
@@ -126,26 +154,22 @@ def run_bench(data: Path, methods: list[str], per_category: int | None, max_new_
     freeze_start_up_heap()
     first = engines[methods[0]]
     result = BenchResult(loaded.name, f"{first.device.type} {first.numerics}", max_new_tokens)
-    greedy = SamplingParams()
     total_turns = sum(len(q["turns"]) for q in questions)
     done, t_start = 0, time.perf_counter()
     for q in questions:
         histories = {m: [] for m in methods}
         for turn in q["turns"]:
-            outputs = {}
-            for place, m in enumerate(turn_order(methods, done)):
-                engine = engines[m]
-                histories[m].append({"role": "user", "content": turn})
-                prompt = engine.chat_prompt(histories[m])
-                t0 = time.perf_counter()
-                seq = engine.generate(prompt, greedy, max_new_tokens)
-                seconds = time.perf_counter() - t0
-                outputs[m] = seq.output
-                histories[m].append({"role": "assistant", "content": engine.tokenizer.decode(seq.output)})
-                for tally in result.overall[m], result.categories[q["category"]][m], result.places[m][place]:
-                    tally.add(len(seq.output), seq.steps, seconds)
+            prompts = {}
             for m in methods:
-                if m != "ar" and "ar" in outputs and outputs[m] != outputs["ar"]:
+                histories[m].append({"role": "user", "content": turn})
+                prompts[m] = engines[m].chat_prompt(histories[m])
+            seqs, spent = run_turn(engines, prompts, turn_order(methods, done), max_new_tokens)
+            for m in methods:
+                output = seqs[m].output
+                histories[m].append({"role": "assistant", "content": engines[m].tokenizer.decode(output)})
+                for tally in result.overall[m], result.categories[q["category"]][m]:
+                    tally.add(len(output), seqs[m].steps, spent[m])
+                if m != "ar" and "ar" in methods and output != seqs["ar"].output:
                     result.mismatches[m] += 1
             done += 1
             line = " ".join(f"{m}={result.overall[m].summary(result.overall.get('ar'))['tokens_per_s']}"
@@ -184,12 +208,6 @@ def format_table(report: dict) -> str:
             lines.append(f"{m} step time: draft {split['draft_pct']}%, masks {split['mask_pct']}%, "
                          f"forward {split['forward_pct']}%, verify {split['verify_pct']}% over {split['steps']} steps; "
                          f"{split['ms_per_step']} ms and {split['tokens_per_forward']} tokens verified per step")
-    for m in methods:
-        by_place = report["methods"][m].get("by_place")
-        if by_place and len(by_place) > 1:
-            lines.append(f"{m} tok/s by place in the turn's order (1 = ran first): "
-                         + ", ".join(f"{int(k) + 1}: {s['tokens_per_s']} ({s['new_tokens']} tokens)"
-                                     for k, s in by_place.items()))
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
-"""The Spec-Bench harness's bookkeeping, with engines that only record what they are asked: the
-methods' order within each turn, each method's own conversation, the tallies and mismatches."""
+"""The Spec-Bench harness's bookkeeping, with engines that only record what they are asked and a
+fake clock: the methods stepping side by side, each method's own conversation, the tallies and
+mismatches."""
 
 import io
 import json
@@ -11,8 +12,21 @@ from decoding.config import EngineConfig
 from decoding.engine import StepTimes
 
 
+class Clock:
+    now = 0.0
+
+    @staticmethod
+    def perf_counter() -> float:
+        return Clock.now
+
+
 class RecordingEngine:
-    calls: list[tuple[str, str]] = []  # (method, prompt), in the order generate ran
+    """Answers [len(prompt) % 7, 1, 2] (logitspec adds a 9 on prompts that hold "odd", to count
+    mismatches), one token a step; a step takes STEP[method] on the fake clock, a prefill 0.5."""
+
+    calls: list[tuple[str, str]] = []  # (method, prompt) of each prefill, in order
+    steps: list[tuple[str, dict[str, float]]] = []  # (method, every running method's time so far) per step
+    STEP = {"ar": 1.0, "pld": 3.0, "logitspec": 2.0}
 
     def __init__(self, config, loaded=None, model=None):
         self.method = config.method
@@ -21,35 +35,70 @@ class RecordingEngine:
         self.numerics = "fp32"
         self.times = StepTimes()
         self.tokenizer = SimpleNamespace(decode=lambda ids: " ".join(map(str, ids)))
+        self.spent, self.seq = 0.0, None
+        RecordingEngine.engines[self.method] = self
 
     def chat_prompt(self, messages):
         return " | ".join(f"{m['role']}:{m['content']}" for m in messages)
 
-    def generate(self, prompt, params, max_new_tokens):
+    def start_sequence(self, prompt, params, max_new_tokens):
         RecordingEngine.calls.append((self.method, prompt))
-        # pld answers like ar; logitspec differs on prompts that hold "odd", to count mismatches.
-        output = [len(prompt) % 7, 1, 2] + ([9] if self.method == "logitspec" and "odd" in prompt else [])
-        return SimpleNamespace(output=output, steps=2)
+        Clock.now += 0.5
+        self.spent = 0.5
+        answer = [len(prompt) % 7, 1, 2] + ([9] if self.method == "logitspec" and "odd" in prompt else [])
+        self.seq = SimpleNamespace(answer=answer, output=[], steps=0, error=None, finished=False)
+        return self.seq
+
+    def step(self, seqs):
+        seq, = seqs
+        running = {m: e.spent for m, e in RecordingEngine.engines.items() if e.running}
+        RecordingEngine.steps.append((self.method, running))
+        Clock.now += self.STEP[self.method]
+        self.spent += self.STEP[self.method]
+        seq.output.append(seq.answer[len(seq.output)])
+        seq.steps += 1
+        seq.finished = len(seq.output) == len(seq.answer)
+
+    @property
+    def running(self):
+        return self.seq is not None and not self.seq.finished
+
+    def stop_sequence(self, seq):
+        self.seq = None
 
 
 def _bench(tmp_path, monkeypatch, methods, questions):
     data = tmp_path / "question.jsonl"
     data.write_text("\n".join(json.dumps(q) for q in questions) + "\n")
-    RecordingEngine.calls = []
+    RecordingEngine.calls, RecordingEngine.steps, RecordingEngine.engines = [], [], {}
+    monkeypatch.setattr(specbench, "time", Clock)
     monkeypatch.setattr(specbench, "load", lambda model: SimpleNamespace(name="fake"))
     monkeypatch.setattr(specbench, "Engine", RecordingEngine)
     monkeypatch.setattr(specbench, "freeze_start_up_heap", lambda: None)
     return specbench.run_bench(data, methods, None, 8, EngineConfig(), progress=io.StringIO())
 
 
-def test_each_method_takes_each_place_in_the_turn_order_equally_often(tmp_path, monkeypatch):
+def test_the_method_with_least_time_on_the_turn_steps_next(tmp_path, monkeypatch):
+    methods = ["ar", "pld", "logitspec"]
+    result = _bench(tmp_path, monkeypatch, methods, [{"category": "c", "turns": ["one", "two"]}])
+    assert len(RecordingEngine.steps) == 2 * 3 * 3
+    for method, running in RecordingEngine.steps:
+        assert running[method] == min(running.values()), (method, running)
+    # Turn 1: all start at 0.5, ties go by the turn's order (ar, pld, logitspec); then by time.
+    assert [m for m, _ in RecordingEngine.steps[:9]] == [
+        "ar", "pld", "logitspec", "ar", "ar", "logitspec", "pld", "logitspec", "pld"]
+    # Each method's seconds are its own prefills and steps, not the wall time of the turn.
+    assert result.overall["pld"].seconds == 2 * (0.5 + 3 * 3.0)
+    assert result.overall["ar"].seconds == 2 * (0.5 + 3 * 1.0)
+
+
+def test_prefills_rotate_from_turn_to_turn(tmp_path, monkeypatch):
     methods = ["ar", "pld", "logitspec"]
     questions = [{"category": c, "turns": [f"{c} one", f"{c} two", f"{c} three"]} for c in ("a", "b")]
     _bench(tmp_path, monkeypatch, methods, questions)
     calls = [m for m, _ in RecordingEngine.calls]
-    assert len(calls) == 6 * 3
     turns = [calls[i:i + 3] for i in range(0, len(calls), 3)]
-    assert all(sorted(t) == sorted(methods) for t in turns)  # every method once a turn
+    assert len(turns) == 6 and all(sorted(t) == sorted(methods) for t in turns)  # every method once a turn
     for place in range(3):
         assert Counter(t[place] for t in turns) == {m: 2 for m in methods}, place
 
@@ -74,15 +123,3 @@ def test_turn_order_rotates():
     assert [specbench.turn_order(["a", "b", "c"], t) for t in range(4)] == [
         ["a", "b", "c"], ["b", "c", "a"], ["c", "a", "b"], ["a", "b", "c"]]
     assert specbench.turn_order(["ar"], 5) == ["ar"]
-
-
-def test_the_report_splits_each_method_by_its_place_in_the_order(tmp_path, monkeypatch):
-    methods = ["ar", "pld"]
-    questions = [{"category": "c", "turns": ["one", "two", "three"]}]
-    report = _bench(tmp_path, monkeypatch, methods, questions).to_json(methods)
-    for m in methods:
-        places = report["methods"][m]["by_place"]
-        assert sum(p["new_tokens"] for p in places.values()) == report["methods"][m]["overall"]["new_tokens"]
-    # ar ran first at turns 1 and 3, second at turn 2 (three tokens each).
-    assert {k: p["new_tokens"] for k, p in report["methods"]["ar"]["by_place"].items()} == {"0": 6, "1": 3}
-    assert "tok/s by place in the turn's order" in specbench.format_table(report)
