@@ -138,10 +138,26 @@ class StepPlan:
 
 
 def row_summary(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
-    """Each row's greedy token (argmax's, first of ties) and whether it is finite, in one pass: a
-    row holding a NaN has a NaN maximum; one holding an infinity, an infinite extreme."""
-    peak, best = logits.max(-1)
-    return best.tolist(), (torch.isfinite(peak) & torch.isfinite(logits.amin(-1))).tolist()
+    """Each row's greedy token (argmax's, first of ties) and whether it is finite: a row holding a
+    NaN has a NaN maximum; one holding an infinity, an infinite extreme.
+
+    On a CPU, torch's max or argmax with indices over a vocabulary row runs ~10x slower than its
+    amax, and every draft node paid for it: with 2 threads here, max and amin took 0.21 / 0.47 ms
+    for 5 / 16 rows of 49,152. So the argmax goes by blocks: each block's amax, the first block
+    holding the row's maximum (argmax over the block maxima), then the first maximum within that
+    block, which is the row's first maximum: 0.13 / 0.19 ms. (In a step, the first pass over
+    rows the forward has just written costs ~0.25 ms more than a second pass would.)"""
+    n, vocab = logits.shape
+    block = next((b for b in (128, 64, 32, 16) if vocab % b == 0 and vocab > b), None)
+    if block is None:
+        peak, best = logits.max(-1)
+        return best.tolist(), (torch.isfinite(peak) & torch.isfinite(logits.amin(-1))).tolist()
+    blocks = logits.reshape(n, vocab // block, block)
+    block_max = blocks.amax(-1)  # [n, vocab / block]
+    first = block_max.argmax(-1)  # [n]
+    best = first * block + blocks[torch.arange(n, device=logits.device), first].argmax(-1)
+    finite = torch.isfinite(block_max.amax(-1)) & torch.isfinite(logits.amin(-1))
+    return best.tolist(), finite.tolist()
 
 
 class Verified(NamedTuple):
@@ -776,7 +792,7 @@ class Engine:
             self.times.grammar += time.perf_counter() - t0
         if seq.params.greedy:
             if best is None:
-                best = logits.argmax(-1).tolist()
+                best = row_summary(logits)[0]
             path, next_token = verify_greedy(tree, logits, best)
         else:
             best = None  # (echoes follow the sampled path, not the greedy one)

@@ -1,6 +1,7 @@
 """Engine mechanics on a tiny random model: lossless greedy, stops, limits, sampling seeds."""
 
 import pytest
+import torch
 
 from decoding.config import EngineConfig
 from decoding.engine import Engine
@@ -227,3 +228,25 @@ def test_a_plain_batched_step_makes_one_attention_call_per_layer(tiny_loaded, mo
     assert engine.times.attention_calls - before == calls_per_layer * engine.model.config.num_layers
     for seq in seqs:
         engine.stop_sequence(seq)
+
+
+@pytest.mark.parametrize("vocab", [49152, 32064, 1000, 97])
+def test_row_summary_is_torchs_argmax_first_of_ties_and_finiteness(vocab):
+    from decoding.engine import row_summary
+
+    g = torch.Generator().manual_seed(vocab)
+    logits = torch.randn(9, vocab, generator=g)
+    logits[0, [3, vocab // 2, vocab - 1]] = 40.0  # ties: the first wins
+    logits[1, vocab - 1] = 40.0  # the maximum in the last block
+    logits[2, 5] = float("nan")
+    logits[3, 7] = float("inf")
+    logits[4, 9] = float("-inf")
+    logits[5] = float("-inf")  # a fully masked row
+    logits[5, vocab - 2] = 0.0
+    logits[6] = 3.0  # every token tied
+    best, finite = row_summary(logits)
+    assert best[:2] == [3, vocab - 1]
+    assert [b for i, b in enumerate(best) if i not in (2, 3)] == \
+        [b for i, b in enumerate(logits.max(-1).indices.tolist()) if i not in (2, 3)]
+    assert best[6] == 0
+    assert finite == [True, True, False, False, False, False, True, True, True]
