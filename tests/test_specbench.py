@@ -26,6 +26,7 @@ class RecordingEngine:
 
     calls: list[tuple[str, str]] = []  # (method, prompt) of each prefill, in order
     steps: list[tuple[str, dict[str, float]]] = []  # (method, every running method's time so far) per step
+    engines: dict[str, "RecordingEngine"] = {}  # method -> its engine, to see who is running at a step
     STEP = {"ar": 1.0, "pld": 3.0, "logitspec": 2.0}
 
     def __init__(self, config, loaded=None, model=None):
