@@ -7,6 +7,7 @@ KV cache; it proposes generously, labelling each node with a statistics key, and
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Protocol
 
@@ -25,6 +26,14 @@ MATCH_EDGES = (1, 2, 4, 8)  # match-length buckets: longer matches predict bette
 RANK_EDGES = (1, 2, 4, 8, 16, 32)  # next-next guess rank buckets
 SHARE_EDGES = (0.25, 0.5, 0.99)  # share of recent occurrences that a next-token trie node continues
 CONFIRM_EDGES = (4,)  # a confirmed first token's rank among the last logit's top tokens (then up to `confirm`)
+
+
+@functools.cache
+def _next_kind(m: int, s: int, depth: int) -> NodeKind:
+    """A next-token trie node's kind (match bucket m, share bucket s), made once: a trie has tens
+    to hundreds of nodes every step, and kinds are few."""
+    return NodeKind("next", (f"m{m}", f"s{s}"), depth)
+
 
 # An echo (see Engine._keep_echoes): ("t", chain) from a rejected node that held the root's token,
 # ("s", chain) from a rejected node where the root now sits; chain: the target's predictions.
@@ -196,12 +205,12 @@ class LogitSpecDrafter:
             recent = ends[-self.recent:][::-1]
             passes: dict[int, int] = {}  # node -> occurrences whose continuation runs through it
             for b, end in enumerate(recent):
-                node = 0
-                for t in tokens[end + 1:end + 1 + (self.next_tokens if b == 0 else self.next_tokens // 2)]:
-                    node = tree.add(node, t, None)
+                for node in tree.add_path(0, tokens[end + 1:end + 1 + (self.next_tokens if b == 0 else self.next_tokens // 2)]):
                     passes[node] = passes.get(node, 0) + 1
+            share = [_bucket(n / len(recent), SHARE_EDGES) for n in range(len(recent) + 1)]
+            kinds, depths = tree.kinds, tree.depths
             for node, n in passes.items():
-                tree.kinds[node] = NodeKind("next", (f"m{m}", f"s{_bucket(n / len(recent), SHARE_EDGES)}"), tree.depths[node])
+                kinds[node] = _next_kind(m, share[n], depths[node])
         self.pld.add_chain(tree, index, x0)
         # Echoes and guesses share the context ctx + [x0]: walked once, then one step per token.
         after = context[-(self.max_match - 1):]

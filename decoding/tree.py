@@ -83,6 +83,26 @@ class DraftTree:
         self._children[parent][token] = idx
         return idx
 
+    def add_path(self, parent: int, tokens: list[int]) -> list[int]:
+        """`add` each token under the one before (the first under `parent`), kinds left None for
+        the caller; returns the nodes, existing or new, one per token."""
+        nodes = []
+        children, depth = self._children, self.depths[parent]
+        for token in tokens:
+            depth += 1
+            node = children[parent].get(token)
+            if node is None:
+                node = len(self.tokens)
+                self.tokens.append(token)
+                self.parents.append(parent)
+                self.kinds.append(None)
+                self.depths.append(depth)
+                children.append({})
+                children[parent][token] = node
+            nodes.append(node)
+            parent = node
+        return nodes
+
     def add_chain(self, parent: int, tokens: list[int], kinds: list[NodeKind]) -> None:
         for token, kind in zip(tokens, kinds):
             parent = self.add(parent, token, kind)

@@ -23,6 +23,22 @@ def test_tokens_parents_depths():
     assert t.children(0) == {11: 1, 20: 3}
 
 
+def test_add_path_walks_existing_nodes_and_adds_the_rest():
+    t = build()
+    nodes = t.add_path(0, [20, 21, 22, 23])  # 20 and 21 exist (nodes 3, 4); 22 and 23 are new
+    assert nodes == [3, 4, 5, 6]
+    assert t.tokens[5:] == [22, 23] and t.parents[5:] == [4, 5] and t.depths[5:] == [3, 4]
+    assert t.kinds[5:] == [None, None] and t.kinds[3] == "b"  # existing nodes keep their kinds
+    assert t.children(4) == {22: 5} and t.children(5) == {23: 6} and t.children(6) == {}
+    # the same tree as token-by-token add
+    u = build()
+    node = 0
+    for token in [20, 21, 22, 23]:
+        node = u.add(node, token, None)
+    assert (u.tokens, u.parents, u.depths) == (t.tokens, t.parents, t.depths)
+    assert t.add_path(2, []) == []
+
+
 def test_add_deduplicates_siblings():
     t = build()
     t.add_chain(0, [11, 13], ["c", "c"])  # shares node 1, adds 13 under it
