@@ -26,6 +26,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from decoding.loader import cache_root, log
@@ -86,6 +87,9 @@ def _load() -> ctypes.CDLL:
     lib.linear_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.linear_f32.restype = None
+    lib.linear_q4.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    lib.linear_q4.restype = ctypes.c_int
     return lib
 
 
@@ -134,4 +138,48 @@ def linear(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, n: int,
     if rows.shape[0]:
         lib.linear_f32(rows.data_ptr(), rows.shape[0], k, packed.data_ptr(), n,
                        None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+    return y.view(*x.shape[:-1], n)
+
+
+Q4_K = 32  # weights per Q4_1 block along k
+Q4_BYTES = 20  # a GGUF Q4_1 block: float16 d, float16 m, 16 bytes of 4-bit q
+
+
+def q4_values(blocks: np.ndarray) -> np.ndarray:
+    """GGUF Q4_1 rows [n, k / 32, 20] uint8 -> their weights [n, k] float32, d * q + m as the
+    float32 path's dequantization computes them (the low nibbles are k 0-15 of a block, the high
+    ones 16-31)."""
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)  # [n, nb, 1]
+    m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)
+    qs = blocks[..., 4:]
+    q = np.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(np.float32)  # [n, nb, 32]
+    return (d * q + m).reshape(blocks.shape[0], -1)
+
+
+def pack_q4(blocks: np.ndarray) -> torch.Tensor:
+    """GGUF Q4_1 rows [n, k / 32, 20] (n % 16 == 0) -> the kernel's panels (see linear_q4 in the
+    C file): per 16 rows and per block, d[16] and m[16] as float32, then for each of the 32 k the
+    16 rows' q in 8 bytes (row j low nibble, row j + 8 high)."""
+    n, nb, _ = blocks.shape
+    panels = n // PANEL
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]  # [n, nb]
+    m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
+    qs = blocks[..., 4:]
+    q = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # [n, nb, 32] values 0..15
+    per_panel = lambda a: np.ascontiguousarray(a.reshape(panels, PANEL, nb).transpose(0, 2, 1))  # noqa: E731
+    qp = q.reshape(panels, PANEL, nb, Q4_K).transpose(0, 2, 3, 1)  # [panels, nb, 32, 16]
+    nibbles = (qp[..., :8] | (qp[..., 8:] << 4)).astype(np.uint8).reshape(panels, nb, Q4_K * 8)
+    out = np.concatenate([per_panel(d).view(np.uint8), per_panel(m).view(np.uint8), nibbles], axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(out).reshape(-1))
+
+
+def linear_q4(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, n: int, k: int,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., k] float32 -> [..., n], the weights Q4_1 panels (pack_q4)."""
+    rows = x.reshape(-1, k).contiguous()
+    y = torch.empty(rows.shape[0], n, dtype=torch.float32)
+    if rows.shape[0] and lib.linear_q4(rows.data_ptr(), rows.shape[0], k, packed.data_ptr(), n,
+                                       None if bias is None else bias.data_ptr(), y.data_ptr(),
+                                       torch.get_num_threads()):
+        raise MemoryError("the Q4_1 product could not allocate its dequantization buffer")
     return y.view(*x.shape[:-1], n)

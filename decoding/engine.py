@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import statistics
 import time
 import traceback
@@ -32,12 +33,14 @@ from decoding.kv_cache import KVCacheFull, bytes_per_token
 from decoding.grammar import Constraint, Grammars
 from decoding.loader import LoadedModel, load, log
 from decoding.families import build_model
-from decoding.model import Runner, SeqBatchEntry
+from decoding.gguf_blocks import adopt_q4_blocks
+from decoding.model import Model, Runner, SeqBatchEntry
 from decoding.tree import DraftTree, NodeKind
 from decoding.verify import (SamplingParams, coupled_sample, make_generator, processed_probs, sample, verify_coupled,
                              verify_greedy, verify_sampling)
 from retrieval.suffix_index import SuffixIndex
 
+OFF = ("0", "off", "false", "no")
 CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Every PROBE_EVERY-th step drafts nothing: a plain step, timed as it runs among real traffic,
 # keeps the engine's figure for plain decoding honest (see Engine.plain_ratio).
@@ -264,6 +267,19 @@ class Engine:
             model = LlamaCppRunner(self.loaded.gguf, self.loaded.hf_config, config.threads)
         self.model = model or build_model(self.loaded.hf_config, self.loaded.state, self.device, self.dtype,
                                           config.runner)
+        # The float32 products on a GGUF file's Q4_1 blocks where they hold exactly the same weights
+        # (decoding/gguf_blocks.py): the same outputs from a fifth of the bytes. A model passed in
+        # has had its turn.
+        self.products = cpu_linear.in_use(self.device, self.dtype)
+        if model is None and self.products == "avx2" and self.loaded.gguf is not None \
+                and isinstance(self.model, Model) and os.environ.get("LOGITSPEC_Q4", "").lower() not in OFF:
+            t0 = time.perf_counter()
+            taken, seen, freed = adopt_q4_blocks(self.model, self.loaded.gguf)
+            if taken:
+                log(f"{taken} of {seen} layer products run on the GGUF's Q4_1 blocks ({freed / 2**20:.0f} MiB of "
+                    f"float32 weights freed, {time.perf_counter() - t0:.1f} s)")
+        if getattr(self.model, "q4_products", 0):
+            self.products += "+q4"  # (the calibration cache keys on it: other forward costs)
         self.model.attention_mode = config.attention
         if config.compile:
             self.model.compile()
@@ -341,7 +357,7 @@ class Engine:
         rounds = self.config.calibration_rounds
         key = calibration_cache.calibration_key(self.loaded, self.device, self.dtype, sizes, past,
                                                 self.config.compile, self.model.runner,
-                                                cpu_linear.in_use(self.device, self.dtype))
+                                                self.products)
         cached = None if self.config.recalibrate else calibration_cache.load(key, rounds)
         if cached is not None:
             seconds, entry = cached

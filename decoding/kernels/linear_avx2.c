@@ -15,6 +15,7 @@
 
 #include <immintrin.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define PANEL 16   /* output columns per panel: two 8-float registers */
 #define GROUP 6    /* rows per register block: 12 accumulators, 2 weights, 1 broadcast */
@@ -131,4 +132,120 @@ void linear_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n
             }
         }
     }
+}
+
+/* ---- Q4_1 weights kept as blocks: about a fifth of the bytes, the same outputs ----------------
+ *
+ * A GGUF Q4_1 matrix holds, per row and per 32 consecutive k, a float16 scale d and offset m and
+ * 32 four-bit q; a weight is d * q + m. The float32 path reads them dequantized (4 bytes each).
+ * Here they stay as blocks, repacked in 16-row panels (decoding/cpu_linear.py, pack_q4): per
+ * panel and per 32 k, d[16] and m[16] as float32, then 32 x 8 bytes, byte j of k holding column j
+ * (low nibble) and column j + 8 (high nibble). d * q is exact in float32 (d has 11 significant
+ * bits, q < 16), so d * q + m, fused or not, is exactly the float32 path's weight, and every
+ * output is the same FMA chain over k in order as linear_f32's: bit-identical results.
+ *
+ * Up to Q4_IN_REGISTERS rows: dequantized in registers as the blocks stream (more accumulators
+ * would leave no registers for the scales). More rows: each panel is dequantized once into a
+ * per-thread buffer, then multiplied as linear_f32's panels are. n % 16 == 0, k % 32 == 0. */
+
+#define Q4_K 32
+#define Q4_BLOCK (2 * PANEL * 4 + Q4_K * 8)  /* bytes per panel per 32 k */
+#define Q4_IN_REGISTERS 4
+
+static inline __attribute__((always_inline)) void
+q4_block(const int R, int64_t K, const float *x, int64_t ldx, const uint8_t *wp, float *y, int64_t ldy,
+         const float *bias) {
+    __m256 lo0 = _mm256_setzero_ps(), hi0 = _mm256_setzero_ps(), lo1 = _mm256_setzero_ps(), hi1 = _mm256_setzero_ps();
+    __m256 lo2 = _mm256_setzero_ps(), hi2 = _mm256_setzero_ps(), lo3 = _mm256_setzero_ps(), hi3 = _mm256_setzero_ps();
+    __m256 lo4 = _mm256_setzero_ps(), hi4 = _mm256_setzero_ps(), lo5 = _mm256_setzero_ps(), hi5 = _mm256_setzero_ps();
+    const __m256i low = _mm256_set1_epi32(15);
+    for (int64_t b = 0; b < K / Q4_K; b++) {
+        const uint8_t *blk = wp + b * Q4_BLOCK;
+        for (int line = 0; line < Q4_BLOCK; line += 64)  /* eight blocks ahead */
+            _mm_prefetch((const char *)blk + 8 * Q4_BLOCK + line, _MM_HINT_T0);
+        const float *dm = (const float *)blk;
+        const __m256 d0 = _mm256_loadu_ps(dm), d1 = _mm256_loadu_ps(dm + 8);
+        const __m256 m0 = _mm256_loadu_ps(dm + 16), m1 = _mm256_loadu_ps(dm + 24);
+        const uint8_t *q = blk + 2 * PANEL * 4;
+        for (int kk = 0; kk < Q4_K; kk++) {
+            const int64_t k = b * Q4_K + kk;
+            const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + kk * 8)));
+            const __m256 w0 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), d0), m0);
+            const __m256 w1 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d1), m1);
+            ROW_FMA(0, lo0, hi0) ROW_FMA(1, lo1, hi1) ROW_FMA(2, lo2, hi2)
+            ROW_FMA(3, lo3, hi3) ROW_FMA(4, lo4, hi4) ROW_FMA(5, lo5, hi5)
+        }
+    }
+    float out[PANEL];
+    ROW_STORE(0, lo0, hi0, y, PANEL, bias) ROW_STORE(1, lo1, hi1, y, PANEL, bias) ROW_STORE(2, lo2, hi2, y, PANEL, bias)
+    ROW_STORE(3, lo3, hi3, y, PANEL, bias) ROW_STORE(4, lo4, hi4, y, PANEL, bias) ROW_STORE(5, lo5, hi5, y, PANEL, bias)
+}
+
+static void q4_dequantize_panel(int64_t K, const uint8_t *wp, float *out) {
+    const __m256i low = _mm256_set1_epi32(15);
+    for (int64_t b = 0; b < K / Q4_K; b++) {
+        const uint8_t *blk = wp + b * Q4_BLOCK;
+        const float *dm = (const float *)blk;
+        const __m256 d0 = _mm256_loadu_ps(dm), d1 = _mm256_loadu_ps(dm + 8);
+        const __m256 m0 = _mm256_loadu_ps(dm + 16), m1 = _mm256_loadu_ps(dm + 24);
+        const uint8_t *q = blk + 2 * PANEL * 4;
+        for (int kk = 0; kk < Q4_K; kk++) {
+            const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + kk * 8)));
+            float *o = out + (b * Q4_K + kk) * PANEL;
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), d0), m0));
+            _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d1), m1));
+        }
+    }
+}
+
+/* x [m, k] and y [m, n] row-major and contiguous; bias [n] or NULL; wp as above. Returns 0, or -1
+ * when a thread could not get its buffer (y is then incomplete). */
+int linear_q4(const float *x, int64_t m, int64_t k, const uint8_t *wp, int64_t n, const float *bias,
+              float *y, int threads) {
+    const int64_t panels = n / PANEL, panel_bytes = (k / Q4_K) * Q4_BLOCK;
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        float *buf = 0;
+        if (m > Q4_IN_REGISTERS) {
+            buf = aligned_alloc(64, (size_t)k * PANEL * sizeof(float));
+            if (!buf) {
+                #pragma omp atomic write
+                failed = 1;
+            }
+        }
+        #pragma omp for schedule(static)
+        for (int64_t p = 0; p < panels; p++) {
+            const uint8_t *w = wp + p * panel_bytes;
+            const float *b = bias ? bias + p * PANEL : 0;
+            if (m <= Q4_IN_REGISTERS) {
+                float *yr = y + p * PANEL;
+                switch (m) {
+                case 1: q4_block(1, k, x, k, w, yr, n, b); break;
+                case 2: q4_block(2, k, x, k, w, yr, n, b); break;
+                case 3: q4_block(3, k, x, k, w, yr, n, b); break;
+                default: q4_block(4, k, x, k, w, yr, n, b); break;
+                }
+                continue;
+            }
+            if (!buf)
+                continue;
+            q4_dequantize_panel(k, w, buf);
+            for (int64_t r0 = 0; r0 < m; r0 += GROUP) {
+                const int64_t size = m - r0 < GROUP ? m - r0 : GROUP;
+                const float *xr = x + r0 * k;
+                float *yr = y + r0 * n + p * PANEL;
+                switch (size) {
+                case 1: block(1, k, xr, k, buf, yr, n, PANEL, b, 0); break;
+                case 2: block(2, k, xr, k, buf, yr, n, PANEL, b, 0); break;
+                case 3: block(3, k, xr, k, buf, yr, n, PANEL, b, 0); break;
+                case 4: block(4, k, xr, k, buf, yr, n, PANEL, b, 0); break;
+                case 5: block(5, k, xr, k, buf, yr, n, PANEL, b, 0); break;
+                default: block(6, k, xr, k, buf, yr, n, PANEL, b, 0); break;
+                }
+            }
+        }
+        free(buf);
+    }
+    return failed ? -1 : 0;
 }

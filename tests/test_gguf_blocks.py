@@ -1,0 +1,50 @@
+"""The default model's float32 products on its GGUF Q4_1 blocks (decoding/gguf_blocks.py): every
+layer product takes them, the logits stay bit-identical, and a product whose weights differ from
+the file's keeps its float32 copy."""
+
+import pytest
+import torch
+
+from decoding import cpu_linear
+from decoding.families import build_model
+from decoding.gguf_blocks import adopt_q4_blocks
+from decoding.model import SeqBatchEntry
+
+pytestmark = pytest.mark.skipif(cpu_linear.kernel() is None, reason="needs the AVX2 kernel")
+
+
+def build(loaded):
+    return build_model(loaded.hf_config, loaded.state, torch.device("cpu"), torch.float32, "native")
+
+
+def logits(model, tokens: torch.Tensor):
+    """A 200-token prefill, then a 7-node tree over it (two branches), all rows' logits."""
+    cache = model.new_cache(1, 512)
+    prefill = model.forward(tokens[:200], torch.arange(200), [SeqBatchEntry(0, 0, 200, None)], cache)
+    mask = torch.ones(7, 7, dtype=torch.bool).tril_()
+    mask[4:, 1:4] = False  # nodes 4-6 branch off the root beside nodes 1-3
+    positions = torch.tensor([200, 201, 202, 203, 201, 202, 203])
+    tree = model.forward(tokens[200:207], positions, [SeqBatchEntry(0, 200, 7, mask)], cache)
+    return prefill, tree
+
+
+def test_every_layer_product_takes_the_blocks_and_the_logits_stay_the_same(real_loaded):
+    tokens = torch.randint(0, 49152, (207,), generator=torch.Generator().manual_seed(0))
+    plain = build(real_loaded)
+    expected = logits(plain, tokens)
+    model = build(real_loaded)
+    taken, seen, freed = adopt_q4_blocks(model, real_loaded.gguf)
+    assert (taken, seen) == (120, 120) and freed > 300 * 2**20
+    assert all(lin.q4 is not None and lin.weight is None for layer in model.layers
+               for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
+    for ours, theirs in zip(logits(model, tokens), expected):
+        assert torch.equal(ours, theirs)
+
+
+def test_a_product_whose_weights_differ_from_the_files_keeps_float32(real_loaded):
+    model = build(real_loaded)
+    down = model.layers[3].down
+    down.weight[0, 0, 0] += 1e-3  # one weight of row 0 no longer a dequantized Q4_1 value
+    taken, seen, _ = adopt_q4_blocks(model, real_loaded.gguf)
+    assert (taken, seen) == (119, 120)
+    assert down.q4 is None and down.weight is not None and model.layers[3].gate_up.q4 is not None
