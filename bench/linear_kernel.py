@@ -60,7 +60,8 @@ def main() -> None:
     if cpu_linear.kernel() is None:
         sys.exit(f"the AVX2 kernel is not available here: {cpu_linear.unavailable_reason()}")
     config = EngineConfig(method="ar", adaptive=False)
-    ours = timers(Engine(config))
+    engine = Engine(config)  # on a .gguf model, its Q4_1 blocks where they match (products "avx2+q4")
+    ours = timers(engine)
     cpu_linear._loaded["lib"] = None  # the next model's Linears take oneDNN's product
     theirs = timers(Engine(config))
     times = {(who, what, n): [] for who in ("avx2", "onednn") for what in (0, 1) for n in SIZES}
@@ -70,7 +71,8 @@ def main() -> None:
                 for who, fns in (("avx2", ours), ("onednn", theirs)):
                     times[who, what, n].append(fns[what](n))
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr, flush=True)
-    print(f"{torch.get_num_threads()} threads; medians of {args.rounds} rounds, alternating; ms")
+    print(f"{torch.get_num_threads()} threads; medians of {args.rounds} rounds, alternating; ms; "
+          f"ours: {engine.products}")
     for what, label in ((0, "forward after 256 tokens"), (1, "matrix products alone")):
         print(f"{label:26s}" + "".join(f"{n:>8d}" for n in SIZES))
         for who in ("onednn", "avx2"):
