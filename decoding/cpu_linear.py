@@ -35,6 +35,8 @@ SOURCE = Path(__file__).resolve().parent / "kernels" / "linear_avx2.c"
 PANEL = 16  # output columns per packed panel, as in the C file
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 
+OFF = ("0", "off", "false", "no")  # values of LOGITSPEC_CPU_KERNEL / LOGITSPEC_Q4 that turn them off
+
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # "lib": the CDLL or None once decided; "why": the reason when None
 
@@ -70,7 +72,7 @@ def _library_path() -> Path:
 
 
 def _load() -> ctypes.CDLL:
-    if os.environ.get("LOGITSPEC_CPU_KERNEL", "").lower() in ("0", "off", "false", "no"):
+    if os.environ.get("LOGITSPEC_CPU_KERNEL", "").lower() in OFF:
         raise RuntimeError("LOGITSPEC_CPU_KERNEL=off")
     if not _cpu_supports():
         raise RuntimeError(f"the CPU has no AVX2 ({torch.backends.cpu.get_cpu_capability()})")
@@ -145,15 +147,20 @@ Q4_K = 32  # weights per Q4_1 block along k
 Q4_BYTES = 20  # a GGUF Q4_1 block: float16 d, float16 m, 16 bytes of 4-bit q
 
 
+def _q4_fields(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """GGUF Q4_1 rows [n, k / 32, 20] -> d and m [n, k / 32] float32, q [n, k / 32, 32] uint8 (the
+    low nibbles are k 0-15 of a block, the high ones 16-31)."""
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
+    m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
+    qs = blocks[..., 4:]
+    return d, m, np.concatenate([qs & 0xF, qs >> 4], axis=-1)
+
+
 def q4_values(blocks: np.ndarray) -> np.ndarray:
     """GGUF Q4_1 rows [n, k / 32, 20] uint8 -> their weights [n, k] float32, d * q + m as the
-    float32 path's dequantization computes them (the low nibbles are k 0-15 of a block, the high
-    ones 16-31)."""
-    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)  # [n, nb, 1]
-    m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)
-    qs = blocks[..., 4:]
-    q = np.concatenate([qs & 0xF, qs >> 4], axis=-1).astype(np.float32)  # [n, nb, 32]
-    return (d * q + m).reshape(blocks.shape[0], -1)
+    float32 path's dequantization computes them."""
+    d, m, q = _q4_fields(blocks)
+    return (d[..., None] * q.astype(np.float32) + m[..., None]).reshape(blocks.shape[0], -1)
 
 
 def pack_q4(blocks: np.ndarray) -> torch.Tensor:
@@ -162,10 +169,7 @@ def pack_q4(blocks: np.ndarray) -> torch.Tensor:
     16 rows' q in 8 bytes (row j low nibble, row j + 8 high)."""
     n, nb, _ = blocks.shape
     panels = n // PANEL
-    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]  # [n, nb]
-    m = blocks[..., 2:4].copy().view(np.float16).astype(np.float32)[..., 0]
-    qs = blocks[..., 4:]
-    q = np.concatenate([qs & 0xF, qs >> 4], axis=-1)  # [n, nb, 32] values 0..15
+    d, m, q = _q4_fields(blocks)
     per_panel = lambda a: np.ascontiguousarray(a.reshape(panels, PANEL, nb).transpose(0, 2, 1))  # noqa: E731
     qp = q.reshape(panels, PANEL, nb, Q4_K).transpose(0, 2, 3, 1)  # [panels, nb, 32, 16]
     nibbles = (qp[..., :8] | (qp[..., 8:] << 4)).astype(np.uint8).reshape(panels, nb, Q4_K * 8)

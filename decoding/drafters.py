@@ -205,7 +205,8 @@ class LogitSpecDrafter:
             recent = ends[-self.recent:][::-1]
             passes: dict[int, int] = {}  # node -> occurrences whose continuation runs through it
             for b, end in enumerate(recent):
-                for node in tree.add_path(0, tokens[end + 1:end + 1 + (self.next_tokens if b == 0 else self.next_tokens // 2)]):
+                depth = self.next_tokens if b == 0 else self.next_tokens // 2
+                for node in tree.add_path(0, tokens[end + 1:end + 1 + depth]):
                     passes[node] = passes.get(node, 0) + 1
             share = [_bucket(n / len(recent), SHARE_EDGES) for n in range(len(recent) + 1)]
             kinds, depths = tree.kinds, tree.depths

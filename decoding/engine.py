@@ -40,7 +40,6 @@ from decoding.verify import (SamplingParams, coupled_sample, make_generator, pro
                              verify_greedy, verify_sampling)
 from retrieval.suffix_index import SuffixIndex
 
-OFF = ("0", "off", "false", "no")
 CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 # Every PROBE_EVERY-th step drafts nothing: a plain step, timed as it runs among real traffic,
 # keeps the engine's figure for plain decoding honest (see Engine.plain_ratio).
@@ -272,7 +271,7 @@ class Engine:
         # has had its turn.
         self.products = cpu_linear.in_use(self.device, self.dtype)
         if model is None and self.products == "avx2" and self.loaded.gguf is not None \
-                and isinstance(self.model, Model) and os.environ.get("LOGITSPEC_Q4", "").lower() not in OFF:
+                and isinstance(self.model, Model) and os.environ.get("LOGITSPEC_Q4", "").lower() not in cpu_linear.OFF:
             t0 = time.perf_counter()
             taken, seen, freed = adopt_q4_blocks(self.model, self.loaded.gguf)
             if taken:

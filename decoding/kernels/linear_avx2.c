@@ -152,13 +152,20 @@ void linear_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n
 #define Q4_BLOCK (2 * PANEL * 4 + Q4_K * 8)  /* bytes per panel per 32 k */
 #define Q4_IN_REGISTERS 4
 
+/* The 16 weights of k step kk of a panel's block, dequantized: columns 0-7 into *w0, 8-15 into *w1. */
+static inline __attribute__((always_inline)) void
+q4_weights(const uint8_t *q, int kk, __m256 d0, __m256 d1, __m256 m0, __m256 m1, __m256 *w0, __m256 *w1) {
+    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + kk * 8)));
+    *w0 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))), d0), m0);
+    *w1 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d1), m1);
+}
+
 static inline __attribute__((always_inline)) void
 q4_block(const int R, int64_t K, const float *x, int64_t ldx, const uint8_t *wp, float *y, int64_t ldy,
          const float *bias) {
     __m256 lo0 = _mm256_setzero_ps(), hi0 = _mm256_setzero_ps(), lo1 = _mm256_setzero_ps(), hi1 = _mm256_setzero_ps();
     __m256 lo2 = _mm256_setzero_ps(), hi2 = _mm256_setzero_ps(), lo3 = _mm256_setzero_ps(), hi3 = _mm256_setzero_ps();
     __m256 lo4 = _mm256_setzero_ps(), hi4 = _mm256_setzero_ps(), lo5 = _mm256_setzero_ps(), hi5 = _mm256_setzero_ps();
-    const __m256i low = _mm256_set1_epi32(15);
     for (int64_t b = 0; b < K / Q4_K; b++) {
         const uint8_t *blk = wp + b * Q4_BLOCK;
         for (int line = 0; line < Q4_BLOCK; line += 64)  /* eight blocks ahead */
@@ -169,9 +176,8 @@ q4_block(const int R, int64_t K, const float *x, int64_t ldx, const uint8_t *wp,
         const uint8_t *q = blk + 2 * PANEL * 4;
         for (int kk = 0; kk < Q4_K; kk++) {
             const int64_t k = b * Q4_K + kk;
-            const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + kk * 8)));
-            const __m256 w0 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), d0), m0);
-            const __m256 w1 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d1), m1);
+            __m256 w0, w1;
+            q4_weights(q, kk, d0, d1, m0, m1, &w0, &w1);
             ROW_FMA(0, lo0, hi0) ROW_FMA(1, lo1, hi1) ROW_FMA(2, lo2, hi2)
             ROW_FMA(3, lo3, hi3) ROW_FMA(4, lo4, hi4) ROW_FMA(5, lo5, hi5)
         }
@@ -182,7 +188,6 @@ q4_block(const int R, int64_t K, const float *x, int64_t ldx, const uint8_t *wp,
 }
 
 static void q4_dequantize_panel(int64_t K, const uint8_t *wp, float *out) {
-    const __m256i low = _mm256_set1_epi32(15);
     for (int64_t b = 0; b < K / Q4_K; b++) {
         const uint8_t *blk = wp + b * Q4_BLOCK;
         const float *dm = (const float *)blk;
@@ -190,10 +195,11 @@ static void q4_dequantize_panel(int64_t K, const uint8_t *wp, float *out) {
         const __m256 m0 = _mm256_loadu_ps(dm + 16), m1 = _mm256_loadu_ps(dm + 24);
         const uint8_t *q = blk + 2 * PANEL * 4;
         for (int kk = 0; kk < Q4_K; kk++) {
-            const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + kk * 8)));
+            __m256 w0, w1;
+            q4_weights(q, kk, d0, d1, m0, m1, &w0, &w1);
             float *o = out + (b * Q4_K + kk) * PANEL;
-            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, low)), d0), m0));
-            _mm256_storeu_ps(o + 8, _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d1), m1));
+            _mm256_storeu_ps(o, w0);
+            _mm256_storeu_ps(o + 8, w1);
         }
     }
 }
