@@ -145,20 +145,21 @@ void linear_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n
  * output is the same FMA chain over k in order as linear_f32's: bit-identical results.
  *
  * Up to Q4_IN_REGISTERS rows: dequantized in registers as the blocks stream, in groups of at most
- * Q4_GROUP rows (more accumulators would leave no registers for the scales), of near-equal size:
- * 7 rows are 4 + 3, not 5 + 2, whose 2-row pass would wait on FMA latency. A panel's blocks are a
- * few KiB, so the groups after the first read them from L1 and only repeat the dequantization.
+ * Q4_GROUP rows and of near-equal size: 7 rows are 4 + 3, not 6 + 1, whose 1-row pass would wait
+ * on FMA latency. A panel's blocks are a few KiB, so the groups after the first read them from L1
+ * and only repeat the dequantization. A 6-row group's 12 accumulators leave no registers for the
+ * scales, which it reads from L1 at every k instead (GCC otherwise spills inside the loop).
  * More rows: each panel is dequantized once into a per-thread buffer, then multiplied in groups
  * as linear_f32's panels are. n % 16 == 0, k % 32 == 0.
  *
- * Layer products alone of SmolLM2-135M, 2-core AVX2 EPYC (ms; before: in registers up to 4 rows,
- * else buffered in groups of 6 then the rest): 5 rows 11.0 -> 8.5, 7 rows 16.1 -> 13.4, 8 rows
- * 16.3 -> 14.3, 10 rows 16.4 -> 15.8; 1-4, 6 and 11+ rows the same. */
+ * SmolLM2-135M's layer products alone, 2-core AVX2 EPYC, ms (before: in registers up to 4 rows,
+ * else buffered in groups of 6 and the rest): 5 rows 10.9 -> 8.7, 6 rows 13.0 -> 10.4, 7 rows
+ * 16.1 -> 13.7, 8 rows 16.1 -> 14.6, 9 rows 16.2 -> 15.5; 1-4 and 10+ rows the same. */
 
 #define Q4_K 32
 #define Q4_BLOCK (2 * PANEL * 4 + Q4_K * 8)  /* bytes per panel per 32 k */
-#define Q4_GROUP 5          /* rows per in-register group */
-#define Q4_IN_REGISTERS 10  /* the most rows dequantized in registers (two groups) */
+#define Q4_GROUP 6          /* rows per in-register group */
+#define Q4_IN_REGISTERS 12  /* the most rows dequantized in registers (two groups) */
 
 /* The size of the next of ceil(left / most) near-equal groups of the `left` rows still to do. */
 static inline int64_t group_size(int64_t left, int64_t most) {
@@ -191,7 +192,12 @@ q4_block(const int R, int64_t K, const float *x, int64_t ldx, const uint8_t *wp,
         for (int kk = 0; kk < Q4_K; kk++) {
             const int64_t k = b * Q4_K + kk;
             __m256 w0, w1;
-            q4_weights(q, kk, d0, d1, m0, m1, &w0, &w1);
+            if (R >= 6) {
+                __asm__ volatile("" ::: "memory");  /* keep d and m in memory: no registers left for them */
+                q4_weights(q, kk, _mm256_loadu_ps(dm), _mm256_loadu_ps(dm + 8), _mm256_loadu_ps(dm + 16),
+                           _mm256_loadu_ps(dm + 24), &w0, &w1);
+            } else
+                q4_weights(q, kk, d0, d1, m0, m1, &w0, &w1);
             ROW_FMA(0, lo0, hi0) ROW_FMA(1, lo1, hi1) ROW_FMA(2, lo2, hi2)
             ROW_FMA(3, lo3, hi3) ROW_FMA(4, lo4, hi4) ROW_FMA(5, lo5, hi5)
         }
@@ -248,7 +254,8 @@ int linear_q4(const float *x, int64_t m, int64_t k, const uint8_t *wp, int64_t n
                     case 2: q4_block(2, k, xr, k, w, yr, n, b); break;
                     case 3: q4_block(3, k, xr, k, w, yr, n, b); break;
                     case 4: q4_block(4, k, xr, k, w, yr, n, b); break;
-                    default: q4_block(5, k, xr, k, w, yr, n, b); break;
+                    case 5: q4_block(5, k, xr, k, w, yr, n, b); break;
+                    default: q4_block(6, k, xr, k, w, yr, n, b); break;
                     }
                 }
                 continue;
