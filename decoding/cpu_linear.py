@@ -35,7 +35,7 @@ SOURCE = Path(__file__).resolve().parent / "kernels" / "linear_avx2.c"
 PANEL = 16  # output columns per packed panel, as in the C file
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 
-OFF = ("0", "off", "false", "no")  # values of LOGITSPEC_CPU_KERNEL / LOGITSPEC_Q4 that turn them off
+OFF = ("0", "off", "false", "no")  # values of LOGITSPEC_CPU_KERNEL / LOGITSPEC_Q4 (all GGUF blocks) that turn them off
 
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # "lib": the CDLL or None once decided; "why": the reason when None
@@ -92,6 +92,8 @@ def _load() -> ctypes.CDLL:
     lib.linear_q4.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     lib.linear_q4.restype = ctypes.c_int
+    lib.linear_q8.argtypes = lib.linear_q4.argtypes
+    lib.linear_q8.restype = ctypes.c_int
     return lib
 
 
@@ -177,13 +179,42 @@ def pack_q4(blocks: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(out).reshape(-1))
 
 
-def linear_q4(lib: ctypes.CDLL, x: torch.Tensor, packed: torch.Tensor, n: int, k: int,
-              bias: torch.Tensor | None) -> torch.Tensor:
-    """x [..., k] float32 -> [..., n], the weights Q4_1 panels (pack_q4)."""
+Q8_BYTES = 34  # a GGUF Q8_0 block: float16 d, 32 int8 q
+
+
+def _q8_fields(blocks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """GGUF Q8_0 rows [n, k / 32, 34] -> d [n, k / 32] float32, q [n, k / 32, 32] int8."""
+    d = blocks[..., 0:2].copy().view(np.float16).astype(np.float32)[..., 0]
+    return d, blocks[..., 2:].view(np.int8)
+
+
+def q8_values(blocks: np.ndarray) -> np.ndarray:
+    """GGUF Q8_0 rows [n, k / 32, 34] uint8 -> their weights [n, k] float32, d * q (exact)."""
+    d, q = _q8_fields(blocks)
+    return (d[..., None] * q.astype(np.float32)).reshape(blocks.shape[0], -1)
+
+
+def pack_q8(blocks: np.ndarray) -> torch.Tensor:
+    """GGUF Q8_0 rows [n, k / 32, 34] (n % 16 == 0) -> the kernel's panels (see the C file): per 16
+    rows and per block, d[16] as float32, then for each of the 32 k the 16 rows' q."""
+    n, nb, _ = blocks.shape
+    panels = n // PANEL
+    d, q = _q8_fields(blocks)
+    dp = np.ascontiguousarray(d.reshape(panels, PANEL, nb).transpose(0, 2, 1))  # [panels, nb, 16]
+    qp = q.reshape(panels, PANEL, nb, Q4_K).transpose(0, 2, 3, 1).reshape(panels, nb, Q4_K * PANEL)
+    out = np.concatenate([dp.view(np.uint8), qp.view(np.uint8)], axis=-1)
+    return torch.from_numpy(np.ascontiguousarray(out).reshape(-1))
+
+
+def linear_blocks(lib: ctypes.CDLL, fmt: str, x: torch.Tensor, packed: torch.Tensor, n: int, k: int,
+                  bias: torch.Tensor | None) -> torch.Tensor:
+    """x [..., k] float32 -> [..., n], the weights a GGUF file's blocks in the kernel's panels:
+    fmt "q4_1" (pack_q4) or "q8_0" (pack_q8)."""
     rows = x.reshape(-1, k).contiguous()
     y = torch.empty(rows.shape[0], n, dtype=torch.float32)
-    if rows.shape[0] and lib.linear_q4(rows.data_ptr(), rows.shape[0], k, packed.data_ptr(), n,
-                                       None if bias is None else bias.data_ptr(), y.data_ptr(),
-                                       torch.get_num_threads()):
-        raise MemoryError("the Q4_1 product could not allocate its dequantization buffer")
+    product = lib.linear_q4 if fmt == "q4_1" else lib.linear_q8
+    if rows.shape[0] and product(rows.data_ptr(), rows.shape[0], k, packed.data_ptr(), n,
+                                 None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads()):
+        raise MemoryError("the block product could not allocate its dequantization buffer")
     return y.view(*x.shape[:-1], n)
+

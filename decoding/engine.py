@@ -33,7 +33,7 @@ from decoding.kv_cache import KVCacheFull, bytes_per_token
 from decoding.grammar import Constraint, Grammars
 from decoding.loader import LoadedModel, load, log
 from decoding.families import build_model
-from decoding.gguf_blocks import adopt_q4_blocks
+from decoding.gguf_blocks import adopt_blocks
 from decoding.model import Model, Runner, SeqBatchEntry
 from decoding.tree import DraftTree, NodeKind
 from decoding.verify import (SamplingParams, coupled_sample, make_generator, processed_probs, sample, verify_coupled,
@@ -266,19 +266,21 @@ class Engine:
             model = LlamaCppRunner(self.loaded.gguf, self.loaded.hf_config, config.threads)
         self.model = model or build_model(self.loaded.hf_config, self.loaded.state, self.device, self.dtype,
                                           config.runner)
-        # The float32 products on a GGUF file's Q4_1 blocks where they hold exactly the same weights
-        # (decoding/gguf_blocks.py): the same outputs from a fifth of the bytes. A model passed in
-        # has had its turn.
+        # The float32 products on a GGUF file's blocks (Q4_1, Q8_0) where they hold exactly the same
+        # weights (decoding/gguf_blocks.py): the same outputs from a fraction of the bytes. A model
+        # passed in has had its turn.
         self.products = cpu_linear.in_use(self.device, self.dtype)
         if model is None and self.products == "avx2" and self.loaded.gguf is not None \
                 and isinstance(self.model, Model) and os.environ.get("LOGITSPEC_Q4", "").lower() not in cpu_linear.OFF:
             t0 = time.perf_counter()
-            taken, seen, freed = adopt_q4_blocks(self.model, self.loaded.gguf)
+            taken, seen, freed = adopt_blocks(self.model, self.loaded.gguf)
             if taken:
-                log(f"{taken} of {seen} layer products run on the GGUF's Q4_1 blocks ({freed / 2**20:.0f} MiB of "
-                    f"float32 weights freed, {time.perf_counter() - t0:.1f} s)")
-        if getattr(self.model, "q4_products", 0):
-            self.products += "+q4"  # (the calibration cache keys on it: other forward costs)
+                formats = ", ".join(f"{n} on {fmt.upper()}" for fmt, n in sorted(taken.items()))
+                log(f"{sum(taken.values())} of {seen} products run on the GGUF's blocks ({formats}; "
+                    f"{freed / 2**20:.0f} MiB of float32 weights freed, {time.perf_counter() - t0:.1f} s)")
+        blocks = getattr(self.model, "block_products", None)
+        if blocks:  # the calibration cache keys on it: other forward costs
+            self.products += "".join(f"+{fmt}" for fmt in sorted(blocks))
         self.model.attention_mode = config.attention
         if config.compile:
             self.model.compile()

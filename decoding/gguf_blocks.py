@@ -1,63 +1,86 @@
-"""Keep a GGUF file's Q4_1 blocks for the CPU float32 products instead of their dequantized weights.
+"""Keep a GGUF file's quantized blocks for the CPU float32 products instead of their dequantized weights.
 
-The float32 path reads every weight as 4 bytes; a Q4_1 block holds 32 of them in 20 (a float16
-scale d and offset m, 32 four-bit q; a weight is d * q + m). The AVX2 kernel's `linear_q4`
-(decoding/kernels/linear_avx2.c) takes them as blocks and dequantizes in registers to exactly the
-float32 path's weights (d * q is exact in float32), so its outputs are bit-identical to the float32
-product's at about a fifth of the bytes: a plain step reads ~180 MB of weights instead of ~540 on
-the default model.
+The float32 path reads every weight as 4 bytes. A Q4_1 block holds 32 of them in 20 (a float16
+scale d and offset m, 32 four-bit q; a weight is d * q + m), a Q8_0 block in 34 (d and 32 int8 q;
+a weight is d * q). The AVX2 kernel's `linear_q4` / `linear_q8` (decoding/kernels/linear_avx2.c)
+take them as blocks and dequantize in registers to exactly the float32 path's weights (d * q is
+exact in float32), so their outputs are bit-identical to the float32 product's from a fraction
+of the bytes. On the default model the layers are Q4_1 and the embedding table, which is also
+its lm_head, Q8_0: a plain step reads ~110 MB of weights instead of ~540.
 
-Which blocks belong to which product is found by value, not by name: a layer's float32 rows are
-looked up among the dequantized rows of that layer's Q4_1 tensors (`blk.N.*`). That covers fused
-products (q, k and v in one), the row permutation transformers applies to q and k when it reads a
-GGUF file, and any family's names, and it is a check: a product takes blocks only when every one
-of its rows equals, bit for bit, a dequantized Q4_1 row; otherwise it keeps its float32 weights.
+Which blocks belong to which product is found by value, not by name: a product's float32 rows are
+looked up among the dequantized rows of the file's quantized tensors in its scope (a layer's
+products among that layer's `blk.N.*` tensors, the lm_head among the tensors outside the layers).
+That covers fused products (q, k and v in one), the row permutation transformers applies to q and
+k when it reads a GGUF file, and any family's names, and it is a check: a product takes blocks
+only when every one of its rows equals, bit for bit, a dequantized row of one format; otherwise it
+keeps its float32 weights.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections import defaultdict
+from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 
 from decoding import cpu_linear
 
+# format -> (GGML type name, bytes per block, dequantize rows, pack rows into the kernel's panels)
+FORMATS = {
+    "q4_1": ("Q4_1", cpu_linear.Q4_BYTES, cpu_linear.q4_values, cpu_linear.pack_q4),
+    "q8_0": ("Q8_0", cpu_linear.Q8_BYTES, cpu_linear.q8_values, cpu_linear.pack_q8),
+}
 
-def _layer_tensors(gguf_path: Path) -> dict[int, list[np.ndarray]]:
-    """Each layer's Q4_1 tensors as raw rows [rows, k / 32, 20]."""
+
+def _file_tensors(gguf_path: Path) -> dict[int | None, list[tuple[str, np.ndarray]]]:
+    """The file's tensors in a format the kernel takes, by scope (a layer's index, or None for the
+    tensors outside the layers), each as (format, raw rows [rows, k / 32, bytes per block])."""
     import gguf
 
-    reader = gguf.GGUFReader(str(gguf_path))
-    layers: dict[int, list[np.ndarray]] = defaultdict(list)
-    for t in reader.tensors:
+    by_type = {getattr(gguf.GGMLQuantizationType, name): (fmt, size) for fmt, (name, size, _, _) in FORMATS.items()}
+    scopes: dict[int | None, list[tuple[str, np.ndarray]]] = defaultdict(list)
+    for t in gguf.GGUFReader(str(gguf_path)).tensors:
+        if t.tensor_type not in by_type:
+            continue
+        fmt, size = by_type[t.tensor_type]
         parts = t.name.split(".")
-        if t.tensor_type == gguf.GGMLQuantizationType.Q4_1 and parts[0] == "blk" and parts[1].isdigit():
-            raw = np.asarray(t.data)
-            layers[int(parts[1])].append(raw.reshape(raw.shape[0], -1, cpu_linear.Q4_BYTES))
-    return layers
+        scope = int(parts[1]) if parts[0] == "blk" and parts[1].isdigit() else None
+        raw = np.asarray(t.data)
+        scopes[scope].append((fmt, raw.reshape(raw.shape[0], -1, size)))
+    return scopes
 
 
-def adopt_q4_blocks(model, gguf_path: Path) -> tuple[int, int, int]:
-    """Give each of the model's layer products that the AVX2 kernel runs, and whose rows are all
-    Q4_1 rows of the file, those blocks in place of its float32 weights. Returns (products that
-    took blocks, products looked at, float32 bytes freed)."""
+def _products(model) -> dict[int | None, list]:
+    """The model's products the AVX2 kernel runs on float32 weights, by scope as in _file_tensors."""
     from decoding.model import Linear
 
-    layers = _layer_tensors(gguf_path)
-    taken = seen = freed = 0
+    def linears(values) -> list:
+        return [v for v in values if isinstance(v, Linear) and v.kernel is not None and v.blocks is None]
+
+    scopes: dict[int | None, list] = {}
     for i, layer in enumerate(getattr(model, "layers", [])):
-        values = ([getattr(layer, f.name) for f in dataclasses.fields(layer)] if dataclasses.is_dataclass(layer)
-                  else list(vars(layer).values()))
-        linears = [v for v in values if isinstance(v, Linear) and v.kernel is not None and v.q4 is None]
+        scopes[i] = linears([getattr(layer, f.name) for f in dataclasses.fields(layer)]
+                            if dataclasses.is_dataclass(layer) else list(vars(layer).values()))
+    scopes[None] = linears([getattr(model, "lm_head", None)])
+    return scopes
+
+
+def adopt_blocks(model, gguf_path: Path) -> tuple[Counter, int, int]:
+    """Give each of the model's products that the AVX2 kernel runs, and whose rows are all rows of
+    one quantized tensor format in the file, those blocks in place of its float32 weights. Returns
+    (products that took blocks, by format; products looked at; float32 bytes freed)."""
+    tensors = _file_tensors(gguf_path)
+    taken: Counter = Counter()
+    seen = freed = 0
+    for scope, linears in _products(model).items():
         seen += len(linears)
-        tensors = layers.get(i)
-        if not tensors:
+        if not linears or not tensors.get(scope):
             continue
         rows: dict[tuple[int, bytes], tuple[int, int]] = {}  # (k, a row's float32 bytes) -> (tensor, row)
-        for t, blocks in enumerate(tensors):
-            values = cpu_linear.q4_values(blocks)
+        for t, (fmt, blocks) in enumerate(tensors[scope]):
+            values = FORMATS[fmt][2](blocks)
             for r in range(values.shape[0]):
                 rows.setdefault((values.shape[1], values[r].tobytes()), (t, r))
         for lin in linears:
@@ -66,11 +89,12 @@ def adopt_q4_blocks(model, gguf_path: Path) -> tuple[int, int, int]:
                 continue
             weight = lin.weight.transpose(1, 2).reshape(-1, k)[:n].numpy()  # unpacked float32 rows
             found = [rows.get((k, weight[r].tobytes())) for r in range(n)]
-            if any(f is None for f in found):
+            if any(f is None for f in found) or len({tensors[scope][t][0] for t, _ in found}) != 1:
                 continue
-            blocks = np.stack([tensors[t][r] for t, r in found])
+            fmt = tensors[scope][found[0][0]][0]
+            blocks = np.stack([tensors[scope][t][1][r] for t, r in found])
             freed += lin.weight.numel() * lin.weight.element_size()
-            lin.use_q4(cpu_linear.pack_q4(blocks))
-            taken += 1
-    model.q4_products = getattr(model, "q4_products", 0) + taken
+            lin.use_blocks(fmt, FORMATS[fmt][3](blocks))
+            taken[fmt] += 1
+    model.block_products = getattr(model, "block_products", Counter()) + taken
     return taken, seen, freed

@@ -521,16 +521,19 @@ class Linear:
             self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, self.PACK_ROWS)
         else:
             self.weight = weight
-        self.q4: torch.Tensor | None = None  # Q4_1 panels in place of weight (decoding/gguf_blocks.py)
+        # A GGUF file's blocks in place of weight (decoding/gguf_blocks.py): their format
+        # ("q4_1", "q8_0") and the kernel's panels of them.
+        self.blocks: tuple[str, torch.Tensor] | None = None
 
-    def use_q4(self, panels: torch.Tensor) -> None:
-        """Run on a GGUF file's Q4_1 blocks (cpu_linear.pack_q4) whose weights equal this product's,
-        dropping the float32 copy: the same outputs from about a fifth of the bytes."""
-        self.q4, self.weight = panels, None
+    def use_blocks(self, fmt: str, panels: torch.Tensor) -> None:
+        """Run on a GGUF file's blocks (cpu_linear.pack_q4 / pack_q8) whose weights equal this
+        product's, dropping the float32 copy: the same outputs from a fraction of the bytes."""
+        self.blocks, self.weight = (fmt, panels), None
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if self.q4 is not None:
-            return cpu_linear.linear_q4(self.kernel, x, self.q4, self.out_features, self.in_features, self.bias)
+        if self.blocks is not None:
+            fmt, panels = self.blocks
+            return cpu_linear.linear_blocks(self.kernel, fmt, x, panels, self.out_features, self.in_features, self.bias)
         if self.kernel is not None:
             return cpu_linear.linear(self.kernel, x, self.weight, self.out_features, self.bias)
         if self.packed:

@@ -104,43 +104,53 @@ def test_falls_back_to_onednn_when_it_cannot_be_built(tmp_path, env, why):
     assert why in reason
 
 
-def q4_blocks(n: int, k: int, seed: int):
-    """Random GGUF Q4_1 rows [n, k / 32, 20]: float16 d and m, then random nibbles."""
+def gguf_blocks(fmt: str, n: int, k: int, seed: int):
+    """Random GGUF rows [n, k / 32, bytes per block]: Q4_1 (float16 d and m, then random nibbles)
+    or Q8_0 (float16 d, then random int8)."""
     import numpy as np
 
     rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, (n, k // 32, 20), dtype=np.uint8)
+    size = cpu_linear.Q4_BYTES if fmt == "q4_1" else cpu_linear.Q8_BYTES
+    blocks = rng.integers(0, 256, (n, k // 32, size), dtype=np.uint8)
     d = (rng.random((n, k // 32)) * 0.02).astype(np.float16)
-    m = (-rng.random((n, k // 32)) * 0.1).astype(np.float16)
     blocks[..., 0:2] = d.view(np.uint8).reshape(n, k // 32, 2)
-    blocks[..., 2:4] = m.view(np.uint8).reshape(n, k // 32, 2)
+    if fmt == "q4_1":
+        m = (-rng.random((n, k // 32)) * 0.1).astype(np.float16)
+        blocks[..., 2:4] = m.view(np.uint8).reshape(n, k // 32, 2)
     return blocks
 
 
-def test_q4_values_are_ggufs_own_dequantization():
+VALUES = {"q4_1": cpu_linear.q4_values, "q8_0": cpu_linear.q8_values}
+PACK = {"q4_1": cpu_linear.pack_q4, "q8_0": cpu_linear.pack_q8}
+
+
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
+def test_block_values_are_ggufs_own_dequantization(fmt):
     import gguf
     import numpy as np
 
-    blocks = q4_blocks(48, 576, 0)
-    ours = cpu_linear.q4_values(blocks)
-    theirs = gguf.quants.dequantize(blocks.reshape(48, -1), gguf.GGMLQuantizationType.Q4_1)
+    blocks = gguf_blocks(fmt, 48, 576, 0)
+    ours = VALUES[fmt](blocks)
+    theirs = gguf.quants.dequantize(blocks.reshape(48, -1), getattr(gguf.GGMLQuantizationType, fmt.upper()))
     assert ours.dtype == np.float32 and np.array_equal(ours, theirs.astype(np.float32))
 
 
-# Up to 4 rows the kernel dequantizes in registers, from 5 through a per-thread buffer: both must
-# give exactly the float32 kernel's outputs on the dequantized weights, bias or not.
+# Up to 12 rows the kernel dequantizes in registers (in groups of at most 6), from 13 through a
+# per-thread buffer: every way must give exactly the float32 kernel's outputs on the dequantized
+# weights, bias or not.
 @needs_kernel
+@pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
 @pytest.mark.parametrize("n, k", [(16, 32), (96, 576), (960, 576), (576, 1536)])
-def test_q4_product_is_bit_identical_to_the_float32_kernel(n, k):
+def test_block_product_is_bit_identical_to_the_float32_kernel(fmt, n, k):
     lib = cpu_linear.kernel()
-    blocks = q4_blocks(n, k, n + k)
-    weights = torch.from_numpy(cpu_linear.q4_values(blocks))
-    packed, panels = cpu_linear.pack(weights), cpu_linear.pack_q4(blocks)
+    blocks = gguf_blocks(fmt, n, k, n + k)
+    weights = torch.from_numpy(VALUES[fmt](blocks))
+    packed, panels = cpu_linear.pack(weights), PACK[fmt](blocks)
     g = torch.Generator().manual_seed(n)
-    x, bias = torch.randn(13, k, generator=g), torch.randn(n, generator=g)
-    for m in range(0, 14):
+    x, bias = torch.randn(14, k, generator=g), torch.randn(n, generator=g)
+    for m in range(0, 15):
         for b in (None, bias):
-            ours = cpu_linear.linear_q4(lib, x[:m], panels, n, k, b)
+            ours = cpu_linear.linear_blocks(lib, fmt, x[:m], panels, n, k, b)
             assert torch.equal(ours, cpu_linear.linear(lib, x[:m], packed, n, b)), (m, b is not None)
-    alone = cpu_linear.linear_q4(lib, x[5:6], panels, n, k, None)
-    assert torch.equal(cpu_linear.linear_q4(lib, x, panels, n, k, None)[5:6], alone)
+    alone = cpu_linear.linear_blocks(lib, fmt, x[5:6], panels, n, k, None)
+    assert torch.equal(cpu_linear.linear_blocks(lib, fmt, x, panels, n, k, None)[5:6], alone)

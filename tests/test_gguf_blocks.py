@@ -1,13 +1,13 @@
-"""The default model's float32 products on its GGUF Q4_1 blocks (decoding/gguf_blocks.py): every
-layer product takes them, the logits stay bit-identical, and a product whose weights differ from
-the file's keeps its float32 copy."""
+"""The default model's float32 products on its GGUF blocks (decoding/gguf_blocks.py): every layer
+product takes its Q4_1 blocks and the lm_head the embedding table's Q8_0 ones, the logits stay
+bit-identical, and a product whose weights differ from the file's keeps its float32 copy."""
 
 import pytest
 import torch
 
 from decoding import cpu_linear
 from decoding.families import build_model
-from decoding.gguf_blocks import adopt_q4_blocks
+from decoding.gguf_blocks import adopt_blocks
 from decoding.model import SeqBatchEntry
 
 pytestmark = pytest.mark.skipif(cpu_linear.kernel() is None, reason="needs the AVX2 kernel")
@@ -33,18 +33,21 @@ def test_every_layer_product_takes_the_blocks_and_the_logits_stay_the_same(real_
     plain = build(real_loaded)
     expected = logits(plain, tokens)
     model = build(real_loaded)
-    taken, seen, freed = adopt_q4_blocks(model, real_loaded.gguf)
-    assert (taken, seen) == (120, 120) and freed > 300 * 2**20
-    assert all(lin.q4 is not None and lin.weight is None for layer in model.layers
+    taken, seen, freed = adopt_blocks(model, real_loaded.gguf)
+    assert (dict(taken), seen) == ({"q4_1": 120, "q8_0": 1}, 121) and freed > 500 * 2**20
+    assert all(lin.blocks[0] == "q4_1" and lin.weight is None for layer in model.layers
                for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down))
+    assert model.lm_head.blocks[0] == "q8_0" and model.lm_head.weight is None
     for ours, theirs in zip(logits(model, tokens), expected):
         assert torch.equal(ours, theirs)
 
 
-def test_a_product_whose_weights_differ_from_the_files_keeps_float32(real_loaded):
+def test_products_whose_weights_differ_from_the_files_keep_float32(real_loaded):
     model = build(real_loaded)
     down = model.layers[3].down
     down.weight[0, 0, 0] += 1e-3  # one weight of row 0 no longer a dequantized Q4_1 value
-    taken, seen, _ = adopt_q4_blocks(model, real_loaded.gguf)
-    assert (taken, seen) == (119, 120)
-    assert down.q4 is None and down.weight is not None and model.layers[3].gate_up.q4 is not None
+    model.lm_head.weight[-1, -1, -1] += 1e-3  # nor one of the lm_head's last row a Q8_0 value
+    taken, seen, _ = adopt_blocks(model, real_loaded.gguf)
+    assert (dict(taken), seen) == ({"q4_1": 119}, 121)
+    assert down.blocks is None and down.weight is not None and model.layers[3].gate_up.blocks is not None
+    assert model.lm_head.blocks is None and model.lm_head.weight is not None

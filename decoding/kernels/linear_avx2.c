@@ -134,17 +134,19 @@ void linear_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n
     }
 }
 
-/* ---- Q4_1 weights kept as blocks: about a fifth of the bytes, the same outputs ----------------
+/* ---- GGUF blocks kept as blocks (Q4_1, Q8_0): a fraction of the bytes, the same outputs -------
  *
  * A GGUF Q4_1 matrix holds, per row and per 32 consecutive k, a float16 scale d and offset m and
- * 32 four-bit q; a weight is d * q + m. The float32 path reads them dequantized (4 bytes each).
- * Here they stay as blocks, repacked in 16-row panels (decoding/cpu_linear.py, pack_q4): per
- * panel and per 32 k, d[16] and m[16] as float32, then 32 x 8 bytes, byte j of k holding column j
- * (low nibble) and column j + 8 (high nibble). d * q is exact in float32 (d has 11 significant
- * bits, q < 16), so d * q + m, fused or not, is exactly the float32 path's weight, and every
- * output is the same FMA chain over k in order as linear_f32's: bit-identical results.
+ * 32 four-bit q; a weight is d * q + m. A Q8_0 one, d and 32 int8 q; a weight is d * q. The
+ * float32 path reads them dequantized (4 bytes each). Here they stay as blocks, repacked in 16-row
+ * panels (decoding/cpu_linear.py, pack_q4 and pack_q8): per panel and per 32 k, d[16] (and for
+ * Q4_1 m[16]) as float32, then the q of the 32 k in turn: Q4_1 in 8 bytes, byte j holding column
+ * j (low nibble) and column j + 8 (high nibble); Q8_0 in 16, byte j column j. d * q is exact in
+ * float32 (d has 11 significant bits, q at most 8 bits), so d * q (+ m, fused or not) is exactly the
+ * float32 path's weight, and every output is the same FMA chain over k in order as linear_f32's:
+ * bit-identical results.
  *
- * Up to Q4_IN_REGISTERS rows: dequantized in registers as the blocks stream, in groups of at most
+ * Up to Q4_IN_REGISTERS rows (Q8_IN_REGISTERS for Q8_0): dequantized in registers as the blocks stream, in groups of at most
  * Q4_GROUP rows and of near-equal size: 7 rows are 4 + 3, not 6 + 1, whose 1-row pass would wait
  * on FMA latency. A panel's blocks are a few KiB, so the groups after the first read them from L1
  * and only repeat the dequantization. A 6-row group's 12 accumulators leave no registers for the
@@ -152,14 +154,20 @@ void linear_f32(const float *x, int64_t m, int64_t k, const float *wp, int64_t n
  * More rows: each panel is dequantized once into a per-thread buffer, then multiplied in groups
  * as linear_f32's panels are. n % 16 == 0, k % 32 == 0.
  *
- * SmolLM2-135M's layer products alone, 2-core AVX2 EPYC, ms (before: in registers up to 4 rows,
- * else buffered in groups of 6 and the rest): 5 rows 10.9 -> 8.7, 6 rows 13.0 -> 10.4, 7 rows
+ * SmolLM2-135M's Q4_1 layer products alone, 2-core AVX2 EPYC, ms (before: in registers up to 4
+ * rows, else buffered in groups of 6 and the rest): 5 rows 10.9 -> 8.7, 6 rows 13.0 -> 10.4, 7 rows
  * 16.1 -> 13.7, 8 rows 16.1 -> 14.6, 9 rows 16.2 -> 15.5; 1-4 and 10+ rows the same. */
 
-#define Q4_K 32
-#define Q4_BLOCK (2 * PANEL * 4 + Q4_K * 8)  /* bytes per panel per 32 k */
+#define Q4_K 32                               /* weights per block along k (Q4_1 and Q8_0 alike) */
+#define Q4_BLOCK (2 * PANEL * 4 + Q4_K * 8)   /* Q4_1 bytes per panel per 32 k: d[16], m[16], q */
+#define Q8_BLOCK (PANEL * 4 + Q4_K * PANEL)   /* Q8_0 bytes per panel per 32 k: d[16], q */
 #define Q4_GROUP 6          /* rows per in-register group */
-#define Q4_IN_REGISTERS 12  /* the most rows dequantized in registers (two groups) */
+#define Q4_IN_REGISTERS 12  /* the most rows dequantized in registers (two groups) ... */
+#define Q8_IN_REGISTERS 6   /* ... and for Q8_0, whose cheaper dequantization a buffer repays sooner */
+
+enum { Q4_1, Q8_0 };  /* block formats; a constant in every call below, so the branches fold */
+
+static inline int64_t block_bytes(const int fmt) { return fmt == Q4_1 ? Q4_BLOCK : Q8_BLOCK; }
 
 /* The size of the next of ceil(left / most) near-equal groups of the `left` rows still to do. */
 static inline int64_t group_size(int64_t left, int64_t most) {
@@ -167,37 +175,46 @@ static inline int64_t group_size(int64_t left, int64_t most) {
     return (left + groups - 1) / groups;
 }
 
-/* The 16 weights of k step kk of a panel's block, dequantized: columns 0-7 into *w0, 8-15 into *w1. */
+/* The 16 weights of k step kk of a panel's block, dequantized: columns 0-7 into *w0, 8-15 into *w1.
+ * dm: the block's scales (d[16], then m[16] for Q4_1); d and m the same, already in registers. */
 static inline __attribute__((always_inline)) void
-q4_weights(const uint8_t *q, int kk, __m256 d0, __m256 d1, __m256 m0, __m256 m1, __m256 *w0, __m256 *w1) {
-    const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + kk * 8)));
-    *w0 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))), d0), m0);
-    *w1 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d1), m1);
+dequantize(const int fmt, const uint8_t *blk, int kk, __m256 d0, __m256 d1, __m256 m0, __m256 m1,
+           __m256 *w0, __m256 *w1) {
+    if (fmt == Q4_1) {
+        const __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(blk + 2 * PANEL * 4 + kk * 8)));
+        *w0 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15))), d0), m0);
+        *w1 = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 4)), d1), m1);
+    } else {
+        const __m128i v = _mm_loadu_si128((const __m128i *)(blk + PANEL * 4 + kk * PANEL));
+        *w0 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), d0);
+        *w1 = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))), d1);
+    }
 }
 
 static inline __attribute__((always_inline)) void
-q4_block(const int R, int64_t K, const float *x, int64_t ldx, const uint8_t *wp, float *y, int64_t ldy,
-         const float *bias) {
+quant_block(const int fmt, const int R, int64_t K, const float *x, int64_t ldx, const uint8_t *wp, float *y,
+            int64_t ldy, const float *bias) {
+    const int64_t bytes = block_bytes(fmt);
     __m256 lo0 = _mm256_setzero_ps(), hi0 = _mm256_setzero_ps(), lo1 = _mm256_setzero_ps(), hi1 = _mm256_setzero_ps();
     __m256 lo2 = _mm256_setzero_ps(), hi2 = _mm256_setzero_ps(), lo3 = _mm256_setzero_ps(), hi3 = _mm256_setzero_ps();
     __m256 lo4 = _mm256_setzero_ps(), hi4 = _mm256_setzero_ps(), lo5 = _mm256_setzero_ps(), hi5 = _mm256_setzero_ps();
     for (int64_t b = 0; b < K / Q4_K; b++) {
-        const uint8_t *blk = wp + b * Q4_BLOCK;
-        for (int line = 0; line < Q4_BLOCK; line += 64)  /* eight blocks ahead */
-            _mm_prefetch((const char *)blk + 8 * Q4_BLOCK + line, _MM_HINT_T0);
+        const uint8_t *blk = wp + b * bytes;
+        for (int line = 0; line < bytes; line += 64)  /* eight blocks ahead */
+            _mm_prefetch((const char *)blk + 8 * bytes + line, _MM_HINT_T0);
         const float *dm = (const float *)blk;
         const __m256 d0 = _mm256_loadu_ps(dm), d1 = _mm256_loadu_ps(dm + 8);
-        const __m256 m0 = _mm256_loadu_ps(dm + 16), m1 = _mm256_loadu_ps(dm + 24);
-        const uint8_t *q = blk + 2 * PANEL * 4;
+        const __m256 m0 = fmt == Q4_1 ? _mm256_loadu_ps(dm + 16) : d0, m1 = fmt == Q4_1 ? _mm256_loadu_ps(dm + 24) : d1;
         for (int kk = 0; kk < Q4_K; kk++) {
             const int64_t k = b * Q4_K + kk;
             __m256 w0, w1;
             if (R >= 6) {
                 __asm__ volatile("" ::: "memory");  /* keep d and m in memory: no registers left for them */
-                q4_weights(q, kk, _mm256_loadu_ps(dm), _mm256_loadu_ps(dm + 8), _mm256_loadu_ps(dm + 16),
-                           _mm256_loadu_ps(dm + 24), &w0, &w1);
+                dequantize(fmt, blk, kk, _mm256_loadu_ps(dm), _mm256_loadu_ps(dm + 8),
+                           fmt == Q4_1 ? _mm256_loadu_ps(dm + 16) : d0, fmt == Q4_1 ? _mm256_loadu_ps(dm + 24) : d1,
+                           &w0, &w1);
             } else
-                q4_weights(q, kk, d0, d1, m0, m1, &w0, &w1);
+                dequantize(fmt, blk, kk, d0, d1, m0, m1, &w0, &w1);
             ROW_FMA(0, lo0, hi0) ROW_FMA(1, lo1, hi1) ROW_FMA(2, lo2, hi2)
             ROW_FMA(3, lo3, hi3) ROW_FMA(4, lo4, hi4) ROW_FMA(5, lo5, hi5)
         }
@@ -207,16 +224,16 @@ q4_block(const int R, int64_t K, const float *x, int64_t ldx, const uint8_t *wp,
     ROW_STORE(3, lo3, hi3, y, PANEL, bias) ROW_STORE(4, lo4, hi4, y, PANEL, bias) ROW_STORE(5, lo5, hi5, y, PANEL, bias)
 }
 
-static void q4_dequantize_panel(int64_t K, const uint8_t *wp, float *out) {
+static inline __attribute__((always_inline)) void
+dequantize_panel(const int fmt, int64_t K, const uint8_t *wp, float *out) {
     for (int64_t b = 0; b < K / Q4_K; b++) {
-        const uint8_t *blk = wp + b * Q4_BLOCK;
+        const uint8_t *blk = wp + b * block_bytes(fmt);
         const float *dm = (const float *)blk;
         const __m256 d0 = _mm256_loadu_ps(dm), d1 = _mm256_loadu_ps(dm + 8);
-        const __m256 m0 = _mm256_loadu_ps(dm + 16), m1 = _mm256_loadu_ps(dm + 24);
-        const uint8_t *q = blk + 2 * PANEL * 4;
+        const __m256 m0 = fmt == Q4_1 ? _mm256_loadu_ps(dm + 16) : d0, m1 = fmt == Q4_1 ? _mm256_loadu_ps(dm + 24) : d1;
         for (int kk = 0; kk < Q4_K; kk++) {
             __m256 w0, w1;
-            q4_weights(q, kk, d0, d1, m0, m1, &w0, &w1);
+            dequantize(fmt, blk, kk, d0, d1, m0, m1, &w0, &w1);
             float *o = out + (b * Q4_K + kk) * PANEL;
             _mm256_storeu_ps(o, w0);
             _mm256_storeu_ps(o + 8, w1);
@@ -224,16 +241,16 @@ static void q4_dequantize_panel(int64_t K, const uint8_t *wp, float *out) {
     }
 }
 
-/* x [m, k] and y [m, n] row-major and contiguous; bias [n] or NULL; wp as above. Returns 0, or -1
- * when a thread could not get its buffer (y is then incomplete). */
-int linear_q4(const float *x, int64_t m, int64_t k, const uint8_t *wp, int64_t n, const float *bias,
-              float *y, int threads) {
-    const int64_t panels = n / PANEL, panel_bytes = (k / Q4_K) * Q4_BLOCK;
+static inline __attribute__((always_inline)) int
+linear_blocks(const int fmt, const float *x, int64_t m, int64_t k, const uint8_t *wp, int64_t n,
+              const float *bias, float *y, int threads) {
+    const int64_t panels = n / PANEL, panel_bytes = (k / Q4_K) * block_bytes(fmt);
+    const int64_t in_registers = fmt == Q4_1 ? Q4_IN_REGISTERS : Q8_IN_REGISTERS;
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
         float *buf = 0;
-        if (m > Q4_IN_REGISTERS) {
+        if (m > in_registers) {
             buf = aligned_alloc(64, (size_t)k * PANEL * sizeof(float));
             if (!buf) {
                 #pragma omp atomic write
@@ -244,25 +261,25 @@ int linear_q4(const float *x, int64_t m, int64_t k, const uint8_t *wp, int64_t n
         for (int64_t p = 0; p < panels; p++) {
             const uint8_t *w = wp + p * panel_bytes;
             const float *b = bias ? bias + p * PANEL : 0;
-            if (m <= Q4_IN_REGISTERS) {
+            if (m <= in_registers) {
                 for (int64_t r0 = 0, size; r0 < m; r0 += size) {
                     size = group_size(m - r0, Q4_GROUP);
                     const float *xr = x + r0 * k;
                     float *yr = y + r0 * n + p * PANEL;
                     switch (size) {
-                    case 1: q4_block(1, k, xr, k, w, yr, n, b); break;
-                    case 2: q4_block(2, k, xr, k, w, yr, n, b); break;
-                    case 3: q4_block(3, k, xr, k, w, yr, n, b); break;
-                    case 4: q4_block(4, k, xr, k, w, yr, n, b); break;
-                    case 5: q4_block(5, k, xr, k, w, yr, n, b); break;
-                    default: q4_block(6, k, xr, k, w, yr, n, b); break;
+                    case 1: quant_block(fmt, 1, k, xr, k, w, yr, n, b); break;
+                    case 2: quant_block(fmt, 2, k, xr, k, w, yr, n, b); break;
+                    case 3: quant_block(fmt, 3, k, xr, k, w, yr, n, b); break;
+                    case 4: quant_block(fmt, 4, k, xr, k, w, yr, n, b); break;
+                    case 5: quant_block(fmt, 5, k, xr, k, w, yr, n, b); break;
+                    default: quant_block(fmt, 6, k, xr, k, w, yr, n, b); break;
                     }
                 }
                 continue;
             }
             if (!buf)
                 continue;
-            q4_dequantize_panel(k, w, buf);
+            dequantize_panel(fmt, k, w, buf);
             for (int64_t r0 = 0, size; r0 < m; r0 += size) {
                 size = group_size(m - r0, GROUP);
                 const float *xr = x + r0 * k;
@@ -280,4 +297,16 @@ int linear_q4(const float *x, int64_t m, int64_t k, const uint8_t *wp, int64_t n
         free(buf);
     }
     return failed ? -1 : 0;
+}
+
+/* x [m, k] and y [m, n] row-major and contiguous; bias [n] or NULL; wp the panels of pack_q4 /
+ * pack_q8. Return 0, or -1 when a thread could not get its buffer (y is then incomplete). */
+int linear_q4(const float *x, int64_t m, int64_t k, const uint8_t *wp, int64_t n, const float *bias,
+              float *y, int threads) {
+    return linear_blocks(Q4_1, x, m, k, wp, n, bias, y, threads);
+}
+
+int linear_q8(const float *x, int64_t m, int64_t k, const uint8_t *wp, int64_t n, const float *bias,
+              float *y, int threads) {
+    return linear_blocks(Q8_0, x, m, k, wp, n, bias, y, threads);
 }
