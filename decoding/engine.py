@@ -273,7 +273,7 @@ class Engine:
         if model is None and self.products == "avx2" and self.loaded.gguf is not None \
                 and isinstance(self.model, Model) and os.environ.get("LOGITSPEC_Q4", "").lower() not in cpu_linear.OFF:
             t0 = time.perf_counter()
-            taken, seen, freed = adopt_blocks(self.model, self.loaded.gguf)
+            taken, seen, freed = adopt_blocks(self.model, self.loaded.gguf, self.loaded.folder)
             if taken:
                 formats = ", ".join(f"{n} on {fmt.upper()}" for fmt, n in sorted(taken.items()))
                 log(f"{sum(taken.values())} of {seen} products run on the GGUF's blocks ({formats}; "

@@ -20,6 +20,8 @@ keeps its float32 weights.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
@@ -34,21 +36,47 @@ FORMATS = {
 }
 
 
-def _file_tensors(gguf_path: Path) -> dict[int | None, list[tuple[str, np.ndarray]]]:
-    """The file's tensors in a format the kernel takes, by scope (a layer's index, or None for the
-    tensors outside the layers), each as (format, raw rows [rows, k / 32, bytes per block])."""
+INDEX = "gguf_blocks.json"  # the file's block tensors, written beside the converted model
+
+
+def _tensor_index(gguf_path: Path, folder: Path | None) -> list[dict]:
+    """Where the file's tensors in a format the kernel takes lie: name, format, rows, bytes per row
+    and byte offset of each. Parsing a GGUF file's header takes ~2 s on the default model (its
+    tokenizer's 49,152 tokens and merges are read field by field), so the index is kept in
+    `folder` (the converted model's, keyed by the file's path, size and time) once parsed."""
+    cached = folder / INDEX if folder is not None else None
+    if cached is not None and cached.exists():
+        try:
+            return json.loads(cached.read_text())
+        except (OSError, ValueError):
+            pass  # unreadable: parse again
     import gguf
 
-    by_type = {getattr(gguf.GGMLQuantizationType, name): (fmt, size) for fmt, (name, size, _, _) in FORMATS.items()}
+    formats = {getattr(gguf.GGMLQuantizationType, name): fmt for fmt, (name, *_) in FORMATS.items()}
+    index = [{"name": t.name, "format": formats[t.tensor_type], "rows": int(t.data.shape[0]),
+              "row_bytes": int(t.data.shape[1]), "offset": int(t.data_offset)}
+             for t in gguf.GGUFReader(str(gguf_path)).tensors if t.tensor_type in formats]
+    if cached is not None:
+        try:  # written whole or not at all, as the calibration cache is
+            tmp = cached.with_suffix(f".tmp-{os.getpid()}")
+            tmp.write_text(json.dumps(index))
+            os.replace(tmp, cached)
+        except OSError:
+            pass  # a read-only cache: parse at every start
+    return index
+
+
+def _file_tensors(gguf_path: Path, folder: Path | None) -> dict[int | None, list[tuple[str, np.ndarray]]]:
+    """The file's tensors in a format the kernel takes, by scope (a layer's index, or None for the
+    tensors outside the layers), each as (format, raw rows [rows, k / 32, bytes per block])."""
     scopes: dict[int | None, list[tuple[str, np.ndarray]]] = defaultdict(list)
-    for t in gguf.GGUFReader(str(gguf_path)).tensors:
-        if t.tensor_type not in by_type:
-            continue
-        fmt, size = by_type[t.tensor_type]
-        parts = t.name.split(".")
+    for t in _tensor_index(gguf_path, folder):
+        size = FORMATS[t["format"]][1]
+        raw = np.asarray(np.memmap(gguf_path, dtype=np.uint8, mode="r", offset=t["offset"],
+                                   shape=(t["rows"], t["row_bytes"])))  # a plain array: memmap's indexing is slow
+        parts = t["name"].split(".")
         scope = int(parts[1]) if parts[0] == "blk" and parts[1].isdigit() else None
-        raw = np.asarray(t.data)
-        scopes[scope].append((fmt, raw.reshape(raw.shape[0], -1, size)))
+        scopes[scope].append((t["format"], raw.reshape(t["rows"], -1, size)))
     return scopes
 
 
@@ -67,11 +95,12 @@ def _products(model) -> dict[int | None, list]:
     return scopes
 
 
-def adopt_blocks(model, gguf_path: Path) -> tuple[Counter, int, int]:
+def adopt_blocks(model, gguf_path: Path, folder: Path | None = None) -> tuple[Counter, int, int]:
     """Give each of the model's products that the AVX2 kernel runs, and whose rows are all rows of
     one quantized tensor format in the file, those blocks in place of its float32 weights. Returns
-    (products that took blocks, by format; products looked at; float32 bytes freed)."""
-    tensors = _file_tensors(gguf_path)
+    (products that took blocks, by format; products looked at; float32 bytes freed). folder: where
+    to keep the file's tensor index (see _tensor_index), None to parse the file every time."""
+    tensors = _file_tensors(gguf_path, folder)
     taken: Counter = Counter()
     seen = freed = 0
     for scope, linears in _products(model).items():

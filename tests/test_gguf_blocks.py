@@ -51,3 +51,24 @@ def test_products_whose_weights_differ_from_the_files_keep_float32(real_loaded):
     assert (dict(taken), seen) == ({"q4_1": 119}, 121)
     assert down.blocks is None and down.weight is not None and model.layers[3].gate_up.blocks is not None
     assert model.lm_head.blocks is None and model.lm_head.weight is not None
+
+
+def test_the_files_tensor_index_is_kept_beside_the_model_and_used(real_loaded, tmp_path, monkeypatch):
+    import gguf
+
+    from decoding import gguf_blocks
+
+    first = gguf_blocks._tensor_index(real_loaded.gguf, tmp_path)
+    assert (tmp_path / gguf_blocks.INDEX).exists()
+    assert {t["format"] for t in first} == {"q4_1", "q8_0"} and len(first) == 211  # 30 layers x 7, the embeddings
+
+    def no_parsing(*args, **kwargs):
+        raise AssertionError("parsed the file although its index was kept")
+
+    monkeypatch.setattr(gguf, "GGUFReader", no_parsing)
+    assert gguf_blocks._tensor_index(real_loaded.gguf, tmp_path) == first
+    taken, seen, _ = adopt_blocks(build(real_loaded), real_loaded.gguf, tmp_path)
+    assert (dict(taken), seen) == ({"q4_1": 120, "q8_0": 1}, 121)
+    (tmp_path / gguf_blocks.INDEX).write_text("{not json")  # a damaged index is parsed again
+    monkeypatch.undo()
+    assert gguf_blocks._tensor_index(real_loaded.gguf, tmp_path) == first
