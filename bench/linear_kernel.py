@@ -60,7 +60,7 @@ def main() -> None:
     if cpu_linear.kernel() is None:
         sys.exit(f"the AVX2 kernel is not available here: {cpu_linear.unavailable_reason()}")
     config = EngineConfig(method="ar", adaptive=False)
-    engine = Engine(config)  # on a .gguf model, its Q4_1 blocks where they match (products "avx2+q4")
+    engine = Engine(config)  # on a .gguf model, its blocks where they match (products "avx2+q4_1+q8_0")
     ours = timers(engine)
     cpu_linear._loaded["lib"] = None  # the next model's Linears take oneDNN's product
     theirs = timers(Engine(config))

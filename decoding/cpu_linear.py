@@ -35,7 +35,8 @@ SOURCE = Path(__file__).resolve().parent / "kernels" / "linear_avx2.c"
 PANEL = 16  # output columns per packed panel, as in the C file
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 
-OFF = ("0", "off", "false", "no")  # values of LOGITSPEC_CPU_KERNEL / LOGITSPEC_Q4 (all GGUF blocks) that turn them off
+# Values of LOGITSPEC_CPU_KERNEL / LOGITSPEC_Q4 (every GGUF block product) that turn them off.
+OFF = ("0", "off", "false", "no")
 
 _lock = threading.Lock()
 _loaded: dict[str, object] = {}  # "lib": the CDLL or None once decided; "why": the reason when None
@@ -217,4 +218,3 @@ def linear_blocks(lib: ctypes.CDLL, fmt: str, x: torch.Tensor, packed: torch.Ten
                                  None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads()):
         raise MemoryError("the block product could not allocate its dequantization buffer")
     return y.view(*x.shape[:-1], n)
-
