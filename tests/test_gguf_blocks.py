@@ -1,6 +1,8 @@
 """The default model's float32 products on its GGUF blocks (decoding/gguf_blocks.py): every layer
 product takes its Q4_1 blocks and the lm_head the embedding table's Q8_0 ones, the logits stay
-bit-identical, and a product whose weights differ from the file's keeps its float32 copy."""
+bit-identical, and a product whose weights differ from the file's keeps its float32 copy. And the
+memory around them: the file's tensor index is kept, and an engine keeps no second copy of the
+weights."""
 
 import pytest
 import torch
@@ -72,3 +74,18 @@ def test_the_files_tensor_index_is_kept_beside_the_model_and_used(real_loaded, t
     (tmp_path / gguf_blocks.INDEX).write_text("{not json")  # a damaged index is parsed again
     monkeypatch.undo()
     assert gguf_blocks._tensor_index(real_loaded.gguf, tmp_path) == first
+
+
+def test_an_engine_that_loaded_its_own_weights_drops_them_and_answers_the_same(real_loaded):
+    """An engine that loaded the model itself keeps no state dict (the model holds its own copies:
+    a view would keep the whole weights file mapped); one given a LoadedModel leaves it whole."""
+    from decoding.config import EngineConfig
+    from decoding.engine import Engine
+
+    own = Engine(EngineConfig(method="ar", max_context=512))
+    shared = Engine(EngineConfig(method="ar", max_context=512), loaded=real_loaded)
+    assert own.loaded.state == {} and len(real_loaded.state) > 100
+    source = real_loaded.state["model.embed_tokens.weight"]
+    assert shared.model.embed.data_ptr() != source.data_ptr() and torch.equal(shared.model.embed, source)
+    prompt = own.chat_prompt([{"role": "user", "content": "Name three rivers in Europe."}])
+    assert own.generate(prompt, max_new_tokens=24).output == shared.generate(prompt, max_new_tokens=24).output
