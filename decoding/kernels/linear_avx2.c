@@ -39,24 +39,37 @@
             yy[(r) * ldy + j] = bb ? out[j] + bb[j] : out[j];                   \
     }
 
+/* A row block's accumulators, a pair per row for up to six rows (R of them used) ... */
+#define ROW_ACCUMULATORS                                                        \
+    __m256 lo0 = _mm256_setzero_ps(), hi0 = _mm256_setzero_ps();               \
+    __m256 lo1 = _mm256_setzero_ps(), hi1 = _mm256_setzero_ps();               \
+    __m256 lo2 = _mm256_setzero_ps(), hi2 = _mm256_setzero_ps();               \
+    __m256 lo3 = _mm256_setzero_ps(), hi3 = _mm256_setzero_ps();               \
+    __m256 lo4 = _mm256_setzero_ps(), hi4 = _mm256_setzero_ps();               \
+    __m256 lo5 = _mm256_setzero_ps(), hi5 = _mm256_setzero_ps();
+/* ... one k step of all of them against the weights w0, w1 ... */
+#define ROWS_FMA                                                                \
+    ROW_FMA(0, lo0, hi0) ROW_FMA(1, lo1, hi1) ROW_FMA(2, lo2, hi2)              \
+    ROW_FMA(3, lo3, hi3) ROW_FMA(4, lo4, hi4) ROW_FMA(5, lo5, hi5)
+/* ... and all of them into y's first `cols` outputs of their rows, plus the bias. */
+#define ROWS_STORE(cols)                                                        \
+    {                                                                           \
+        float out[PANEL];                                                       \
+        ROW_STORE(0, lo0, hi0, y, cols, bias) ROW_STORE(1, lo1, hi1, y, cols, bias) \
+        ROW_STORE(2, lo2, hi2, y, cols, bias) ROW_STORE(3, lo3, hi3, y, cols, bias) \
+        ROW_STORE(4, lo4, hi4, y, cols, bias) ROW_STORE(5, lo5, hi5, y, cols, bias) \
+    }
+
 static inline __attribute__((always_inline)) void
 block(const int R, int64_t K, const float *x, int64_t ldx, const float *wp, float *y, int64_t ldy,
       int cols, const float *bias, const char *ahead) {
-    __m256 lo0 = _mm256_setzero_ps(), hi0 = _mm256_setzero_ps();
-    __m256 lo1 = _mm256_setzero_ps(), hi1 = _mm256_setzero_ps();
-    __m256 lo2 = _mm256_setzero_ps(), hi2 = _mm256_setzero_ps();
-    __m256 lo3 = _mm256_setzero_ps(), hi3 = _mm256_setzero_ps();
-    __m256 lo4 = _mm256_setzero_ps(), hi4 = _mm256_setzero_ps();
-    __m256 lo5 = _mm256_setzero_ps(), hi5 = _mm256_setzero_ps();
+    ROW_ACCUMULATORS
     for (int64_t k = 0; k < K; k++) {
         if (ahead) _mm_prefetch(ahead + k * PANEL * sizeof(float), _MM_HINT_T1);  /* one line per k */
         __m256 w0 = _mm256_loadu_ps(wp + k * PANEL), w1 = _mm256_loadu_ps(wp + k * PANEL + 8);
-        ROW_FMA(0, lo0, hi0) ROW_FMA(1, lo1, hi1) ROW_FMA(2, lo2, hi2)
-        ROW_FMA(3, lo3, hi3) ROW_FMA(4, lo4, hi4) ROW_FMA(5, lo5, hi5)
+        ROWS_FMA
     }
-    float out[PANEL];
-    ROW_STORE(0, lo0, hi0, y, cols, bias) ROW_STORE(1, lo1, hi1, y, cols, bias) ROW_STORE(2, lo2, hi2, y, cols, bias)
-    ROW_STORE(3, lo3, hi3, y, cols, bias) ROW_STORE(4, lo4, hi4, y, cols, bias) ROW_STORE(5, lo5, hi5, y, cols, bias)
+    ROWS_STORE(cols)
 }
 
 /* Fewer than four rows over two neighbouring panels at once: a lone row's two accumulators would
@@ -176,7 +189,7 @@ static inline int64_t group_size(int64_t left, int64_t most) {
 }
 
 /* The 16 weights of k step kk of a panel's block, dequantized: columns 0-7 into *w0, 8-15 into *w1.
- * dm: the block's scales (d[16], then m[16] for Q4_1); d and m the same, already in registers. */
+ * d and m: the block's scales (d[16], then m[16] for Q4_1, at the block's start), in registers. */
 static inline __attribute__((always_inline)) void
 dequantize(const int fmt, const uint8_t *blk, int kk, __m256 d0, __m256 d1, __m256 m0, __m256 m1,
            __m256 *w0, __m256 *w1) {
@@ -195,9 +208,7 @@ static inline __attribute__((always_inline)) void
 quant_block(const int fmt, const int R, int64_t K, const float *x, int64_t ldx, const uint8_t *wp, float *y,
             int64_t ldy, const float *bias) {
     const int64_t bytes = block_bytes(fmt);
-    __m256 lo0 = _mm256_setzero_ps(), hi0 = _mm256_setzero_ps(), lo1 = _mm256_setzero_ps(), hi1 = _mm256_setzero_ps();
-    __m256 lo2 = _mm256_setzero_ps(), hi2 = _mm256_setzero_ps(), lo3 = _mm256_setzero_ps(), hi3 = _mm256_setzero_ps();
-    __m256 lo4 = _mm256_setzero_ps(), hi4 = _mm256_setzero_ps(), lo5 = _mm256_setzero_ps(), hi5 = _mm256_setzero_ps();
+    ROW_ACCUMULATORS
     for (int64_t b = 0; b < K / Q4_K; b++) {
         const uint8_t *blk = wp + b * bytes;
         for (int line = 0; line < bytes; line += 64)  /* eight blocks ahead */
@@ -215,13 +226,10 @@ quant_block(const int fmt, const int R, int64_t K, const float *x, int64_t ldx, 
                            &w0, &w1);
             } else
                 dequantize(fmt, blk, kk, d0, d1, m0, m1, &w0, &w1);
-            ROW_FMA(0, lo0, hi0) ROW_FMA(1, lo1, hi1) ROW_FMA(2, lo2, hi2)
-            ROW_FMA(3, lo3, hi3) ROW_FMA(4, lo4, hi4) ROW_FMA(5, lo5, hi5)
+            ROWS_FMA
         }
     }
-    float out[PANEL];
-    ROW_STORE(0, lo0, hi0, y, PANEL, bias) ROW_STORE(1, lo1, hi1, y, PANEL, bias) ROW_STORE(2, lo2, hi2, y, PANEL, bias)
-    ROW_STORE(3, lo3, hi3, y, PANEL, bias) ROW_STORE(4, lo4, hi4, y, PANEL, bias) ROW_STORE(5, lo5, hi5, y, PANEL, bias)
+    ROWS_STORE(PANEL)
 }
 
 static inline __attribute__((always_inline)) void
