@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,20 +30,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from decoding import cpu_linear  # noqa: E402
 from decoding.config import EngineConfig  # noqa: E402
 from decoding.engine import Engine  # noqa: E402
-from decoding.model import Linear, SeqBatchEntry  # noqa: E402
+from decoding.model import SeqBatchEntry  # noqa: E402
 
 SIZES = list(range(1, 17)) + [24, 32, 48, 64]
-
-
-def compile_kernel(source: Path, out: Path) -> ctypes.CDLL:
-    subprocess.run([cpu_linear._compiler(), *cpu_linear.FLAGS, str(source), "-o", str(out)], check=True)
-    lib = ctypes.CDLL(str(out))
-    for name in ("linear_f32", "linear_q4", "linear_q8"):
-        if hasattr(lib, name):
-            getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p,
-                                           ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-            getattr(lib, name).restype = None if name == "linear_f32" else ctypes.c_int
-    return lib
 
 
 def main() -> None:
@@ -54,15 +41,16 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=9)
     args = ap.parse_args()
     engine = Engine(EngineConfig(method="ar"))
-    linears = [engine.model.lm_head] + [getattr(layer, f.name) for layer in engine.model.layers
-                                        for f in dataclasses.fields(layer)]
-    linears = [lin for lin in linears if isinstance(lin, Linear)]
+    linears = engine.model.products()
     if not linears or any(lin.kernel is None for lin in linears):
         sys.exit(f"the model does not run on the AVX2 kernel here ({cpu_linear.unavailable_reason()})")
     with tempfile.TemporaryDirectory() as tmp:
-        libs = [compile_kernel(src, Path(tmp) / f"v{i}.so") for i, src in enumerate(args.sources)]
+        libs = []
+        for i, src in enumerate(args.sources):
+            cpu_linear.build(Path(tmp) / f"v{i}.so", src)
+            libs.append(cpu_linear.bind(ctypes.CDLL(str(Path(tmp) / f"v{i}.so"))))
         needed = {"linear_f32"} | {"linear_q4" if lin.blocks[0] == "q4_1" else "linear_q8"
-                                   for lin in linears if getattr(lin, "blocks", None) is not None}
+                                   for lin in linears if lin.blocks is not None}
         for src, lib in zip(args.sources, libs):
             missing = sorted(name for name in needed if not hasattr(lib, name))
             if missing:

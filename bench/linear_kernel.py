@@ -34,8 +34,7 @@ def timers(engine: Engine, past: int = 256):
                         generator=torch.Generator().manual_seed(0))
     engine._forward(ctx[:past], torch.arange(past), [SeqBatchEntry(slot, 0, past, None)], last_only=True)
     model = engine.model
-    linears = [lin for layer in model.layers for lin in (layer.qkv, layer.o_proj, layer.gate_up, layer.down)]
-    linears.append(model.lm_head)
+    linears = model.products()
 
     def forward(n: int) -> float:
         entry = [SeqBatchEntry(slot, past, n, torch.ones(n, n, dtype=torch.bool).tril_())]

@@ -50,13 +50,14 @@ def _compiler() -> str:
     return os.environ.get("CC", "cc")
 
 
-def _build(target: Path) -> None:
-    """Compile to a temporary file beside `target`, then rename: starts racing each leave a whole one."""
+def build(target: Path, source: Path = SOURCE) -> None:
+    """Compile `source` (the kernel, or a version of it: bench/kernel_ab.py) to a temporary file
+    beside `target`, then rename: starts racing each leave a whole one."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix=".so")
     os.close(fd)
     try:
-        done = subprocess.run([_compiler(), *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+        done = subprocess.run([_compiler(), *FLAGS, str(source), "-o", tmp], capture_output=True, text=True,
                               timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{_compiler()} failed: {done.stderr.strip()[-500:]}")
@@ -81,20 +82,23 @@ def _load() -> ctypes.CDLL:
     if not path.exists():
         t0 = time.perf_counter()
         try:
-            _build(path)
+            build(path)
         except OSError:  # cache root not writable: build in a private temporary folder
             path = Path(tempfile.mkdtemp(prefix="logitspec-kernels-")) / path.name
-            _build(path)
+            build(path)
         log(f"compiled the AVX2 linear kernel in {time.perf_counter() - t0:.1f} s into {path}")
-    lib = ctypes.CDLL(str(path))
-    lib.linear_f32.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    lib.linear_f32.restype = None
-    lib.linear_q4.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
-                              ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-    lib.linear_q4.restype = ctypes.c_int
-    lib.linear_q8.argtypes = lib.linear_q4.argtypes
-    lib.linear_q8.restype = ctypes.c_int
+    return bind(ctypes.CDLL(str(path)))
+
+
+def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the kernel's C functions on a loaded library (those it has: an older version of the
+    kernel may lack linear_q4 / linear_q8). All take (x, m, k, weights, n, bias, y, threads)."""
+    for name, result in (("linear_f32", None), ("linear_q4", ctypes.c_int), ("linear_q8", ctypes.c_int)):
+        if hasattr(lib, name):
+            function = getattr(lib, name)
+            function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
+                                 ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+            function.restype = result
     return lib
 
 

@@ -293,9 +293,9 @@ class Engine:
                 formats = ", ".join(f"{n} on {fmt.upper()}" for fmt, n in sorted(taken.items()))
                 log(f"{sum(taken.values())} of {seen} products run on the GGUF's blocks ({formats}; "
                     f"{freed / 2**20:.0f} MiB of float32 weights freed, {time.perf_counter() - t0:.1f} s)")
-        blocks = getattr(self.model, "block_products", None)
-        if blocks:  # the calibration cache keys on it: other forward costs
-            self.products += "".join(f"+{fmt}" for fmt in sorted(blocks))
+        if isinstance(self.model, Model):  # the calibration cache keys on the formats: other forward costs
+            self.products += "".join(f"+{fmt}" for fmt in sorted({lin.blocks[0] for lin in self.model.products()
+                                                                   if lin.blocks is not None}))
         self.model.attention_mode = config.attention
         if config.compile:
             self.model.compile()

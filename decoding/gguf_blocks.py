@@ -19,7 +19,6 @@ keeps its float32 weights.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from collections import Counter, defaultdict
@@ -82,16 +81,11 @@ def _file_tensors(gguf_path: Path, folder: Path | None) -> dict[int | None, list
 
 def _products(model) -> dict[int | None, list]:
     """The model's products the AVX2 kernel runs on float32 weights, by scope as in _file_tensors."""
-    from decoding.model import Linear
+    def usable(linears: list) -> list:
+        return [lin for lin in linears if lin.kernel is not None and lin.blocks is None]
 
-    def linears(values) -> list:
-        return [v for v in values if isinstance(v, Linear) and v.kernel is not None and v.blocks is None]
-
-    scopes: dict[int | None, list] = {}
-    for i, layer in enumerate(getattr(model, "layers", [])):
-        scopes[i] = linears([getattr(layer, f.name) for f in dataclasses.fields(layer)]
-                            if dataclasses.is_dataclass(layer) else list(vars(layer).values()))
-    scopes[None] = linears([getattr(model, "lm_head", None)])
+    scopes: dict[int | None, list] = {i: usable(layer.products()) for i, layer in enumerate(model.layers)}
+    scopes[None] = usable([model.lm_head])
     return scopes
 
 
@@ -125,5 +119,4 @@ def adopt_blocks(model, gguf_path: Path, folder: Path | None = None) -> tuple[Co
             freed += lin.weight.numel() * lin.weight.element_size()
             lin.use_blocks(fmt, FORMATS[fmt][3](blocks))
             taken[fmt] += 1
-    model.block_products = getattr(model, "block_products", Counter()) + taken
     return taken, seen, freed

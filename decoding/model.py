@@ -11,7 +11,7 @@ four matrix products.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -583,6 +583,10 @@ class Layer:
     gate_up: Linear | None  # [2 inter, hidden]; None in a mixture-of-experts layer
     down: Linear | None  # [hidden, inter]
 
+    def products(self) -> list[Linear]:
+        """The layer's matrix products: those of its fields that are one (a family's own too)."""
+        return [v for f in fields(self) if isinstance(v := getattr(self, f.name), Linear)]
+
 
 class Runner:
     """What the engine uses of a model runner: `config`, `new_cache`, `forward`, `compile`, and the
@@ -742,6 +746,10 @@ class Model(Runner):
                              "(or with dtype bfloat16 on a CPU, for testing)")
         self._qkv = torch.compile(self._qkv_eager, dynamic=True)
         self._mlp = torch.compile(self._mlp_eager, dynamic=True)
+
+    def products(self) -> list[Linear]:
+        """Every matrix product of the model: each layer's, then the lm_head."""
+        return [lin for layer in self.layers for lin in layer.products()] + [self.lm_head]
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, batch: list[SeqBatchEntry],
