@@ -92,13 +92,19 @@ def _load() -> ctypes.CDLL:
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the kernel's C functions on a loaded library (those it has: an older version of the
-    kernel may lack linear_q4 / linear_q8). All take (x, m, k, weights, n, bias, y, threads)."""
+    kernel may lack linear_q4 / linear_q8, or the scans). The products all take (x, m, k, weights, n,
+    bias, y, threads)."""
     for name, result in (("linear_f32", None), ("linear_q4", ctypes.c_int), ("linear_q8", ctypes.c_int)):
         if hasattr(lib, name):
             function = getattr(lib, name)
             function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
             function.restype = result
+    if hasattr(lib, "row_summary"):
+        lib.row_summary.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
+        lib.row_summary.restype = None
+        lib.top_k.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
+        lib.top_k.restype = ctypes.c_int64
     return lib
 
 
@@ -222,3 +228,30 @@ def linear_blocks(lib: ctypes.CDLL, fmt: str, x: torch.Tensor, packed: torch.Ten
                                  None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads()):
         raise MemoryError("the block product could not allocate its dequantization buffer")
     return y.view(*x.shape[:-1], n)
+
+
+def scans_for(logits: torch.Tensor, lib: ctypes.CDLL | None) -> bool:
+    """Whether the kernel's scans (row_summary, top_k) can read these logits."""
+    return lib is not None and logits.device.type == "cpu" and logits.dtype == torch.float32 \
+        and hasattr(lib, "row_summary")
+
+
+def row_summary(lib: ctypes.CDLL, logits: torch.Tensor) -> tuple[list[int], list[bool]]:
+    """logits [n, vocab] float32 on the CPU -> each row's first argmax and whether it is finite
+    (the C file's row_summary)."""
+    n, vocab = logits.shape
+    rows = logits.contiguous()
+    best, finite = (ctypes.c_int64 * n)(), (ctypes.c_uint8 * n)()
+    lib.row_summary(rows.data_ptr(), n, vocab, best, finite)
+    return list(best), [bool(f) for f in finite]
+
+
+def top_k(lib: ctypes.CDLL, row: torch.Tensor, k: int) -> list[int]:
+    """row [vocab] float32 on the CPU -> the indices of its k largest values, largest first (ties:
+    the lower index first; never a NaN or -inf, so fewer where fewer qualify)."""
+    row = row.contiguous()
+    out = (ctypes.c_int64 * k)()
+    found = lib.top_k(row.data_ptr(), row.numel(), k, out)
+    if found < 0:
+        raise MemoryError("top_k could not allocate")
+    return list(out[:found])

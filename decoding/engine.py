@@ -92,7 +92,10 @@ class Sequence:
     root: int = -1  # the decided next token, not yet in the cache
     cache_namespace: str = ""  # prefix-cache blocks are shared within one namespace only
     cached_tokens: int = 0  # prompt tokens whose K/V came from the prefix cache
-    root_logits: torch.Tensor | None = None  # [vocab] the last logit, kept for its top tokens (Engine._top)
+    # The last logit's top tokens (Engine._top): found at once where the CPU kernel's scan reads the
+    # row (root_top), else a copy of the row kept until they are wanted (root_logits).
+    root_top: list[int] | None = None
+    root_logits: torch.Tensor | None = None  # [vocab]
     echoes: list[Echo] = field(default_factory=list)  # LogitSpec's echoes for the root (Engine._keep_echoes)
     # Grammar the output must follow (decoding/grammar.py): consulted when drafting (pruning), when
     # verifying (masked rows) and when deciding the root; None = unconstrained.
@@ -140,7 +143,7 @@ class StepPlan:
     drafted: float  # ... and when its trees were ready
 
 
-def row_summary(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
+def row_summary(logits: torch.Tensor, lib=None) -> tuple[list[int], list[bool]]:
     """Each row's greedy token (argmax's, first of ties) and whether it is finite: a row holding a
     NaN has a NaN maximum; one holding an infinity, an infinite extreme.
 
@@ -149,7 +152,12 @@ def row_summary(logits: torch.Tensor) -> tuple[list[int], list[bool]]:
     for 5 / 16 rows of 49,152. So the argmax goes by blocks: each block's amax, the first block
     holding the row's maximum (argmax over the block maxima), then the first maximum within that
     block, which is the row's first maximum: 0.13 / 0.19 ms. (In a step, the first pass over
-    rows the forward has just written costs ~0.25 ms more than a second pass would.)"""
+    rows the forward has just written costs ~0.25 ms more than a second pass would.)
+
+    lib: the CPU kernel (decoding/cpu_linear.py), whose row_summary reads a row in one pass for
+    its maximum and finiteness and stops at the maximum in a second: 5 rows in ~30 us."""
+    if cpu_linear.scans_for(logits, lib):
+        return cpu_linear.row_summary(lib, logits)
     n, vocab = logits.shape
     block = next((b for b in (128, 64, 32, 16) if vocab % b == 0 and vocab > b), None)
     if block is None:
@@ -285,6 +293,7 @@ class Engine:
         # weights (decoding/gguf_blocks.py): the same outputs from a fraction of the bytes. A model
         # passed in has had its turn.
         self.products = cpu_linear.in_use(self.device, self.dtype)
+        self.scans = cpu_linear.kernel_for(self.device, self.dtype)  # its row_summary and top_k, or None
         if model is None and self.products == "avx2" and self.loaded.gguf is not None \
                 and isinstance(self.model, Model) and os.environ.get("LOGITSPEC_Q4", "").lower() not in cpu_linear.OFF:
             t0 = time.perf_counter()
@@ -550,14 +559,21 @@ class Engine:
         seq.root = token
         if seq.logprobs is not None:
             seq._root_logprob = self._logprob(logits, token, seq.logprobs)
-        # The top tokens are taken only if this sequence drafts next step (see step): a copy of
-        # the row, not a view that would keep the whole step's logits alive.
-        seq.root_logits = logits.clone() if top_wanted(seq.drafter) else None
+        # The top tokens: with the kernel's scan (~20 us) at once; else taken only if this sequence
+        # drafts next step (see step), from a copy of the row, not a view that would keep the whole
+        # step's logits alive (torch's topk of 49 over 49,152 took ~95 us here, the copy ~25 us).
+        k = top_wanted(seq.drafter)
+        seq.root_top = seq.root_logits = None
+        if k and cpu_linear.scans_for(logits, self.scans):
+            seq.root_top = cpu_linear.top_k(self.scans, logits, k + 1)
+        elif k:
+            seq.root_logits = logits.clone()
 
-    @staticmethod
-    def _top(seq: Sequence) -> list[int]:
+    def _top(self, seq: Sequence) -> list[int]:
         """The top tokens of the last logit (x0 among them): LogitSpec's next-next guesses and the
         tokens that confirm a retrieved first token (Drafter.propose)."""
+        if seq.root_top is not None:
+            return seq.root_top
         if seq.root_logits is None:
             return []
         return seq.root_logits.topk(top_wanted(seq.drafter) + 1).indices.tolist()
@@ -776,7 +792,7 @@ class Engine:
             return [r for s, t in zip(seqs, trees) for r in self._forward_chunk([s], [t])]
         # Once over the whole forward, not in two small parallel ops per sequence (they were 5% of
         # a 16-sequence step in a busy server).
-        best, finite = row_summary(logits)
+        best, finite = row_summary(logits, self.scans)
         out, start = [], 0
         for tree in trees:
             end = start + len(tree)
@@ -814,7 +830,7 @@ class Engine:
         """best, finite: each row's argmax and finiteness (row_summary), when the forward found them
         already. The finiteness is of the model's rows: masked rows hold -inf on purpose."""
         if finite is None:
-            best, finite = row_summary(logits)
+            best, finite = row_summary(logits, self.scans)
         if seq.constraint is not None:
             best = None  # the argmax of the constrained rows, found below
             # The constrained target: every row masked at its node's grammar state. From here on
@@ -824,7 +840,7 @@ class Engine:
             self.times.grammar += time.perf_counter() - t0
         if seq.params.greedy:
             if best is None:
-                best = row_summary(logits)[0]
+                best = row_summary(logits, self.scans)[0]
             path, next_token = verify_greedy(tree, logits, best)
         else:
             best = None  # (echoes follow the sampled path, not the greedy one)

@@ -154,3 +154,24 @@ def test_block_product_is_bit_identical_to_the_float32_kernel(fmt, n, k):
             assert torch.equal(ours, cpu_linear.linear(lib, x[:m], packed, n, b)), (m, b is not None)
     alone = cpu_linear.linear_blocks(lib, fmt, x[5:6], panels, n, k, None)
     assert torch.equal(cpu_linear.linear_blocks(lib, fmt, x, panels, n, k, None)[5:6], alone)
+
+
+@needs_kernel
+@pytest.mark.parametrize("vocab", [49152, 1003, 8, 5])
+def test_top_k_is_torchs_top_values_lower_index_first(vocab):
+    lib = cpu_linear.kernel()
+    g = torch.Generator().manual_seed(vocab)
+    for trial in range(20):
+        row = torch.randn(vocab, generator=g)
+        if trial % 2:
+            row = torch.round(row * 4) / 4  # many ties
+        if trial % 5 == 0:
+            row[trial % vocab] = float("-inf")  # a grammar's masked token: never taken
+        for k in sorted({1, 4, 49, vocab}):
+            k = min(k, vocab)
+            top = cpu_linear.top_k(lib, row, k)
+            finite = int(torch.isfinite(row).sum())
+            assert len(top) == min(k, finite)
+            assert torch.equal(row[top], row.topk(len(top)).values)  # the k largest values, largest first
+            assert all(row[a] > row[b] or (row[a] == row[b] and a < b) for a, b in zip(top, top[1:]))
+            assert len(set(top)) == len(top)

@@ -230,9 +230,17 @@ def test_a_plain_batched_step_makes_one_attention_call_per_layer(tiny_loaded, mo
         engine.stop_sequence(seq)
 
 
+@pytest.mark.parametrize("scan", ["torch", "kernel"])
 @pytest.mark.parametrize("vocab", [49152, 32064, 1000, 97])
-def test_row_summary_is_torchs_argmax_first_of_ties_and_finiteness(vocab):
+def test_row_summary_is_torchs_argmax_first_of_ties_and_finiteness(vocab, scan):
+    from decoding import cpu_linear
     from decoding.engine import row_summary
+
+    lib = None
+    if scan == "kernel":
+        lib = cpu_linear.kernel()
+        if lib is None:
+            pytest.skip(f"no CPU kernel here: {cpu_linear.unavailable_reason()}")
 
     g = torch.Generator().manual_seed(vocab)
     logits = torch.randn(9, vocab, generator=g)
@@ -244,7 +252,7 @@ def test_row_summary_is_torchs_argmax_first_of_ties_and_finiteness(vocab):
     logits[5] = float("-inf")  # a fully masked row
     logits[5, vocab - 2] = 0.0
     logits[6] = 3.0  # every token tied
-    best, finite = row_summary(logits)
+    best, finite = row_summary(logits, lib)
     assert best[:2] == [3, vocab - 1]
     assert [b for i, b in enumerate(best) if i not in (2, 3)] == \
         [b for i, b in enumerate(logits.max(-1).indices.tolist()) if i not in (2, 3)]

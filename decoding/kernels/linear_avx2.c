@@ -14,6 +14,7 @@
  * wp[p][k][j] = W[16 p + j][k], the last panel padded with zeros. */
 
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
 
@@ -317,4 +318,90 @@ int linear_q4(const float *x, int64_t m, int64_t k, const uint8_t *wp, int64_t n
 int linear_q8(const float *x, int64_t m, int64_t k, const uint8_t *wp, int64_t n, const float *bias,
               float *y, int threads) {
     return linear_blocks(Q8_0, x, m, k, wp, n, bias, y, threads);
+}
+
+/* ---- Scans over logit rows: what a step reads from the lm_head's output ----------------------------
+ * torch's reductions over one vocabulary row cost 50-100 us each on this CPU (an argmax, a top-k of
+ * 49 over 49,152), mostly outside the arithmetic; these read a row once or twice, in L2. */
+
+/* Each of the n rows of x [n, vocab]: finite[r] = 1 when it holds no NaN and no infinity, and
+ * best[r] = the index of its first maximum, as torch's argmax (also in a row holding infinities,
+ * as a grammar's masked rows do; any index in a row holding a NaN). */
+void row_summary(const float *x, int64_t n, int64_t vocab, int64_t *best, uint8_t *finite) {
+    for (int64_t r = 0; r < n; r++) {
+        const float *row = x + r * vocab;
+        __m256 m0 = _mm256_set1_ps(-INFINITY), m1 = m0, bad = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 16 <= vocab; i += 16) {
+            __m256 a = _mm256_loadu_ps(row + i), b = _mm256_loadu_ps(row + i + 8);
+            m0 = _mm256_max_ps(m0, a);
+            m1 = _mm256_max_ps(m1, b);
+            /* v - v is 0 for a finite v, NaN for a NaN or an infinity */
+            bad = _mm256_or_ps(bad, _mm256_sub_ps(a, a));
+            bad = _mm256_or_ps(bad, _mm256_sub_ps(b, b));
+        }
+        float lanes[8], peak = -INFINITY;
+        int ok = _mm256_movemask_ps(_mm256_cmp_ps(bad, bad, _CMP_UNORD_Q)) == 0;
+        _mm256_storeu_ps(lanes, _mm256_max_ps(m0, m1));
+        for (int j = 0; j < 8; j++)
+            peak = lanes[j] > peak ? lanes[j] : peak;
+        for (; i < vocab; i++) {
+            float v = row[i];
+            ok &= (v - v) == 0.0f;
+            peak = v > peak ? v : peak;
+        }
+        finite[r] = (uint8_t)ok;
+        const __m256 target = _mm256_set1_ps(peak);
+        for (i = 0; i + 8 <= vocab; i += 8) {
+            int hit = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), target, _CMP_EQ_OQ));
+            if (hit)
+                break;
+        }
+        for (; i < vocab && row[i] != peak; i++)
+            ;
+        best[r] = i < vocab ? i : 0;
+    }
+}
+
+/* The indices of the k largest values of row [vocab] into out, largest first (equal values: the
+ * lower index first); NaNs and -infinity are never taken. Returns how many were found (k, unless
+ * fewer values qualify). */
+int64_t top_k(const float *row, int64_t vocab, int64_t k, int64_t *out) {
+    if (k <= 0)
+        return 0;
+    float *vals = (float *)malloc(sizeof(float) * k);
+    if (!vals)
+        return -1;
+    int64_t count = 0;
+    float floor = -INFINITY;  /* a value must exceed it to enter: the k-th best once k are held */
+    int64_t i = 0;
+    for (; i < vocab; i += 8) {
+        int mask;
+        if (i + 8 <= vocab) {
+            mask = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(row + i), _mm256_set1_ps(floor), _CMP_GT_OQ));
+        } else {
+            mask = 0;
+            for (int j = 0; i + j < vocab; j++)
+                mask |= (row[i + j] > floor) << j;
+        }
+        while (mask) {
+            int j = __builtin_ctz(mask);
+            mask &= mask - 1;
+            float v = row[i + j];
+            if (!(v > floor))
+                continue;  /* the floor rose since the compare */
+            int64_t p = count < k ? count++ : k - 1;
+            while (p > 0 && vals[p - 1] < v) {
+                vals[p] = vals[p - 1];
+                out[p] = out[p - 1];
+                p--;
+            }
+            vals[p] = v;
+            out[p] = i + j;
+            if (count == k)
+                floor = vals[k - 1];
+        }
+    }
+    free(vals);
+    return count;
 }
