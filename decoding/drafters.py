@@ -181,16 +181,12 @@ class LogitSpecDrafter:
         tree.add_chain(node, chain, [NodeKind(family, (detail, f"m{m}"), d) for d in range(2, len(chain) + 2)])
 
     def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[NodeKind]:
-        kinds = [NodeKind("echo", (self._echo_detail(tag, rank),), 1) for tag in "ts"
-                 for rank in range(min(3, sum(t == tag for t, _ in echoes)))]
         match_len, _ = index.match(index.tokens[-(self.max_match - 1):] + [x0], self.max_match)
-        if match_len:
-            m = _bucket(match_len, MATCH_EDGES)
-            kinds += [NodeKind("next", (f"m{m}", f"s{s}"), 1) for s in range(len(SHARE_EDGES) + 1)]
-        kinds += self.pld.openings(index, x0)
-        if self.confirm:  # without the logit at hand, each as it may be confirmed
-            kinds = [k.detailed(f"c{c}") for k in kinds for c in range(len(CONFIRM_EDGES) + 2)]
-        return kinds + ([NodeKind("guess", (f"r{_bucket(1, RANK_EDGES)}",), 1)] if self.guesses else [])
+        pld_len, _ = index.match(index.tokens[-self.pld.max_ngram:] + [x0], self.pld.max_ngram)
+        return _logitspec_openings(min(3, sum(t == "t" for t, _ in echoes)), min(3, sum(t == "s" for t, _ in echoes)),
+                                   _bucket(match_len, MATCH_EDGES) if match_len else -1,
+                                   _bucket(pld_len, MATCH_EDGES) if pld_len else -1, bool(self.confirm),
+                                   bool(self.guesses))
 
     def propose(self, index: SuffixIndex, x0: int, guesses: list[int],
                 echoes: Sequence[Echo] = (), top: Sequence[int] = ()) -> DraftTree:
@@ -255,6 +251,22 @@ class LogitSpecDrafter:
                 tag[i] = tag[tree.parents[i]]
             if kind.family != "guess":
                 tree.kinds[i] = kind.detailed(tag[i])
+
+
+@functools.cache
+def _logitspec_openings(t_echoes: int, s_echoes: int, m: int, pld_m: int, confirm: bool,
+                        guesses: bool) -> list[NodeKind]:
+    """LogitSpecDrafter.openings for these counts of echoes ("t", "s"; at most 3 each) and match
+    buckets (-1: no match), made once: asked for on every step, they are few."""
+    kinds = [NodeKind("echo", (LogitSpecDrafter._echo_detail(tag, rank),), 1)
+             for tag, n in (("t", t_echoes), ("s", s_echoes)) for rank in range(n)]
+    if m >= 0:
+        kinds += [NodeKind("next", (f"m{m}", f"s{s}"), 1) for s in range(len(SHARE_EDGES) + 1)]
+    if pld_m >= 0:
+        kinds.append(NodeKind("pld", (f"m{pld_m}",), 1))
+    if confirm:  # without the logit at hand, each as it may be confirmed
+        kinds = [k.detailed(f"c{c}") for k in kinds for c in range(len(CONFIRM_EDGES) + 2)]
+    return kinds + ([NodeKind("guess", (f"r{_bucket(1, RANK_EDGES)}",), 1)] if guesses else [])
 
 
 DRAFTERS = {"ar": ArDrafter, "pld": PldDrafter, "logitspec": LogitSpecDrafter}
