@@ -149,7 +149,7 @@ class LogitSpecDrafter:
     name = "logitspec"
     forced = True
 
-    def __init__(self, guesses: int = 48, next_tokens: int = 48, recent: int = 16, max_match: int = 32,
+    def __init__(self, guesses: int = 48, next_tokens: int = 16, recent: int = 16, max_match: int = 32,
                  echoes: int = 4, search: int = 256, confirm: int = 48):
         self.guesses = guesses
         self.confirm = confirm
