@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections.abc import Sequence
 
 from decoding.tree import DraftTree, NodeKind
 
@@ -48,7 +49,7 @@ class AcceptanceStats:
             self._cache[kind] = p
         return p
 
-    def paying(self, openings: list[NodeKind], floor: float, hot: bool) -> set[str]:
+    def paying(self, openings: Sequence[NodeKind], floor: float, hot: bool) -> set[str]:
         """The families among a proposal's likeliest first nodes (Drafter.openings) whose estimate
         clears `floor` (CostModel.break_even), judged hot or cold as the sequence is."""
         return {k.family for k in openings if self.p(k.heated() if hot else k) > floor}

@@ -55,7 +55,7 @@ class Drafter(Protocol):
         its top `max(guesses, confirm) + 1` tokens, whether or not guesses are drafted."""
         ...
 
-    def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[NodeKind]:
+    def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> Sequence[NodeKind]:
         """Kinds of the depth-1 nodes that propose() could return, found cheaply: no node deeper in
         the tree is likelier than its depth-1 ancestor, so if none of these can pay, nothing can."""
         ...
@@ -180,13 +180,11 @@ class LogitSpecDrafter:
         m = min(_bucket(match_len, MATCH_EDGES), 2)
         tree.add_chain(node, chain, [NodeKind(family, (detail, f"m{m}"), d) for d in range(2, len(chain) + 2)])
 
-    def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> list[NodeKind]:
+    def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> Sequence[NodeKind]:
         match_len, _ = index.match(index.tokens[-(self.max_match - 1):] + [x0], self.max_match)
-        pld_len, _ = index.match(index.tokens[-self.pld.max_ngram:] + [x0], self.pld.max_ngram)
         return _logitspec_openings(min(3, sum(t == "t" for t, _ in echoes)), min(3, sum(t == "s" for t, _ in echoes)),
                                    _bucket(match_len, MATCH_EDGES) if match_len else -1,
-                                   _bucket(pld_len, MATCH_EDGES) if pld_len else -1, bool(self.confirm),
-                                   bool(self.guesses))
+                                   tuple(self.pld.openings(index, x0)), bool(self.confirm), bool(self.guesses))
 
     def propose(self, index: SuffixIndex, x0: int, guesses: list[int],
                 echoes: Sequence[Echo] = (), top: Sequence[int] = ()) -> DraftTree:
@@ -254,19 +252,19 @@ class LogitSpecDrafter:
 
 
 @functools.cache
-def _logitspec_openings(t_echoes: int, s_echoes: int, m: int, pld_m: int, confirm: bool,
-                        guesses: bool) -> list[NodeKind]:
-    """LogitSpecDrafter.openings for these counts of echoes ("t", "s"; at most 3 each) and match
-    buckets (-1: no match), made once: asked for on every step, they are few."""
+def _logitspec_openings(t_echoes: int, s_echoes: int, m: int, pld: tuple[NodeKind, ...], confirm: bool,
+                        guesses: bool) -> tuple[NodeKind, ...]:
+    """LogitSpecDrafter.openings for these counts of echoes ("t", "s"; at most 3 each), the
+    next-token match bucket (-1: no match) and PLD's openings, made once: asked for on every step,
+    they are few. A tuple: every caller with the same arguments gets this same one."""
     kinds = [NodeKind("echo", (LogitSpecDrafter._echo_detail(tag, rank),), 1)
              for tag, n in (("t", t_echoes), ("s", s_echoes)) for rank in range(n)]
     if m >= 0:
         kinds += [NodeKind("next", (f"m{m}", f"s{s}"), 1) for s in range(len(SHARE_EDGES) + 1)]
-    if pld_m >= 0:
-        kinds.append(NodeKind("pld", (f"m{pld_m}",), 1))
+    kinds += pld
     if confirm:  # without the logit at hand, each as it may be confirmed
         kinds = [k.detailed(f"c{c}") for k in kinds for c in range(len(CONFIRM_EDGES) + 2)]
-    return kinds + ([NodeKind("guess", (f"r{_bucket(1, RANK_EDGES)}",), 1)] if guesses else [])
+    return tuple(kinds + ([NodeKind("guess", (f"r{_bucket(1, RANK_EDGES)}",), 1)] if guesses else []))
 
 
 DRAFTERS = {"ar": ArDrafter, "pld": PldDrafter, "logitspec": LogitSpecDrafter}

@@ -637,8 +637,8 @@ class Engine:
         # floor would otherwise hold drafting off for good (the stretch cut then keeps one node).
         guess, echoes = True, seq.echoes
         if floor is not None:
-            paying = self.stats.paying(seq.drafter.openings(seq.index, seq.root, seq.echoes)
-                                       + ([NodeKind("forced", (), 1)] if forced else []), floor, hot)
+            paying = self.stats.paying([*seq.drafter.openings(seq.index, seq.root, seq.echoes),
+                                        *([NodeKind("forced", (), 1)] if forced else [])], floor, hot)
             if not paying and not stretch:
                 return DraftTree.root(seq.root)
             guess = "guess" in paying
