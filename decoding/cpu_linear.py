@@ -12,7 +12,9 @@ torch loaded, so the two share one thread pool instead of fighting over the core
 
 Where it cannot be used (not x86 AVX2+FMA, no compiler, a failed build, or
 LOGITSPEC_CPU_KERNEL=off), `kernel()` returns None and the model keeps oneDNN's product; the
-reason is printed once.
+reason is printed once. On a CPU with AVX-512 the products on a GGUF file's blocks take AVX-512
+paths for three rows or more (`block_isa`; LOGITSPEC_AVX512=off keeps them on AVX2), with the
+same outputs to the bit.
 """
 
 from __future__ import annotations
@@ -87,7 +89,10 @@ def _load() -> ctypes.CDLL:
             path = Path(tempfile.mkdtemp(prefix="logitspec-kernels-")) / path.name
             build(path)
         log(f"compiled the AVX2 linear kernel in {time.perf_counter() - t0:.1f} s into {path}")
-    return bind(ctypes.CDLL(str(path)))
+    lib = bind(ctypes.CDLL(str(path)))
+    if os.environ.get("LOGITSPEC_AVX512", "").lower() in OFF:
+        lib.linear_isa(0)
+    return lib
 
 
 def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -100,6 +105,9 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
             function.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
                                  ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
             function.restype = result
+    if hasattr(lib, "linear_isa"):
+        lib.linear_isa.argtypes = [ctypes.c_int]
+        lib.linear_isa.restype = ctypes.c_int
     if hasattr(lib, "row_summary"):
         lib.row_summary.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         lib.row_summary.restype = None
@@ -128,6 +136,13 @@ def kernel_for(device: torch.device, dtype: torch.dtype) -> ctypes.CDLL | None:
 def in_use(device: torch.device, dtype: torch.dtype) -> str:
     """Whose products a model on this device and dtype runs: "avx2" (ours) or "torch"."""
     return "avx2" if kernel_for(device, dtype) is not None else "torch"
+
+
+def block_isa(lib: ctypes.CDLL) -> str:
+    """Which instructions the block products (linear_q4, linear_q8) run on: "avx512" where the CPU
+    has AVX-512F and BW (for 3 rows or more; see the C file) unless LOGITSPEC_AVX512=off, else
+    "avx2". The outputs are the same bits either way."""
+    return "avx512" if hasattr(lib, "linear_isa") and lib.linear_isa(-1) else "avx2"
 
 
 def unavailable_reason() -> str | None:

@@ -303,8 +303,10 @@ class Engine:
                 log(f"{sum(taken.values())} of {seen} products run on the GGUF's blocks ({formats}; "
                     f"{freed / 2**20:.0f} MiB of float32 weights freed, {time.perf_counter() - t0:.1f} s)")
         if isinstance(self.model, Model):  # the calibration cache keys on the formats: other forward costs
-            self.products += "".join(f"+{fmt}" for fmt in sorted({lin.blocks[0] for lin in self.model.products()
-                                                                   if lin.blocks is not None}))
+            formats = sorted({lin.blocks[0] for lin in self.model.products() if lin.blocks is not None})
+            self.products += "".join(f"+{fmt}" for fmt in formats)
+            if formats and cpu_linear.block_isa(cpu_linear.kernel()) == "avx512":
+                self.products += "+avx512"
         self.model.attention_mode = config.attention
         if config.compile:
             self.model.compile()

@@ -138,22 +138,55 @@ def test_block_values_are_ggufs_own_dequantization(fmt):
 # Up to 12 rows the kernel dequantizes in registers (in groups of at most 6), from 13 through a
 # per-thread buffer: every way must give exactly the float32 kernel's outputs on the dequantized
 # weights, bias or not.
+def avx512_here() -> bool:
+    lib = cpu_linear.kernel() if HAS_AVX2 and HAS_CC else None
+    if lib is None:
+        return False
+    was = lib.linear_isa(-1)
+    lib.linear_isa(1)
+    here = lib.linear_isa(-1) == 1
+    lib.linear_isa(was)
+    return here
+
+
+@pytest.fixture(params=["avx2", "avx512"])
+def block_isa(request):
+    """The block products on AVX2 alone, then (where the CPU has it) with their AVX-512 paths."""
+    lib = cpu_linear.kernel()
+    was = lib.linear_isa(-1)
+    if lib.linear_isa(1 if request.param == "avx512" else 0) != (request.param == "avx512"):
+        lib.linear_isa(was)
+        pytest.skip("this CPU has no AVX-512F/BW")
+    yield request.param
+    lib.linear_isa(was)
+
+
+# Row counts across the block paths' edges: AVX2 in registers up to 6 (Q8_0) / 12 (Q4_1) rows,
+# AVX-512 from 3 rows in groups of up to 16 and up to 32 rows, the buffered path beyond.
 @needs_kernel
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
 @pytest.mark.parametrize("n, k", [(16, 32), (96, 576), (960, 576), (576, 1536)])
-def test_block_product_is_bit_identical_to_the_float32_kernel(fmt, n, k):
+def test_block_product_is_bit_identical_to_the_float32_kernel(fmt, n, k, block_isa):
     lib = cpu_linear.kernel()
     blocks = gguf_blocks(fmt, n, k, n + k)
     weights = torch.from_numpy(VALUES[fmt](blocks))
     packed, panels = cpu_linear.pack(weights), PACK[fmt](blocks)
     g = torch.Generator().manual_seed(n)
-    x, bias = torch.randn(14, k, generator=g), torch.randn(n, generator=g)
-    for m in range(0, 15):
+    x, bias = torch.randn(40, k, generator=g), torch.randn(n, generator=g)
+    for m in [*range(0, 20), 31, 32, 33, 40]:
         for b in (None, bias):
             ours = cpu_linear.linear_blocks(lib, fmt, x[:m], panels, n, k, b)
             assert torch.equal(ours, cpu_linear.linear(lib, x[:m], packed, n, b)), (m, b is not None)
     alone = cpu_linear.linear_blocks(lib, fmt, x[5:6], panels, n, k, None)
     assert torch.equal(cpu_linear.linear_blocks(lib, fmt, x, panels, n, k, None)[5:6], alone)
+
+
+@needs_kernel
+@pytest.mark.skipif(not avx512_here(), reason="this CPU has no AVX-512F/BW")
+def test_avx512_block_paths_are_on_by_default_and_can_be_turned_off(tmp_path):
+    script = ("import torch\nfrom decoding import cpu_linear\nprint(cpu_linear.block_isa(cpu_linear.kernel()))")
+    assert run_fresh(script, LOGITSPEC_CACHE=str(tmp_path)).strip() == "avx512"
+    assert run_fresh(script, LOGITSPEC_CACHE=str(tmp_path), LOGITSPEC_AVX512="off").strip() == "avx2"
 
 
 @needs_kernel

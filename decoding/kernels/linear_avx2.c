@@ -11,7 +11,10 @@
  * bit-identical alone or in a batch, which is what lets a tree forward reproduce plain decoding.
  *
  * Layout of the packed weights (built by decoding/cpu_linear.py): panels of 16 output columns,
- * wp[p][k][j] = W[16 p + j][k], the last panel padded with zeros. */
+ * wp[p][k][j] = W[16 p + j][k], the last panel padded with zeros.
+ *
+ * The products on GGUF blocks below also have AVX-512 paths, chosen at run time (linear_isa):
+ * the library is built for AVX2 and those functions alone for AVX-512. */
 
 #include <immintrin.h>
 #include <math.h>
@@ -250,11 +253,110 @@ dequantize_panel(const int fmt, int64_t K, const uint8_t *wp, float *out) {
     }
 }
 
+/* ---- The same block products with AVX-512 (F and BW), where the CPU has it ---------------------
+ *
+ * A 16-column panel is one 512-bit register, so a row's accumulator is one register and up to
+ * Z_GROUP rows share one dequantization per k step; each row's FMA takes its x[k] as an embedded
+ * broadcast. Every output is still one float32 FMA chain over k in order from zero, plus the bias:
+ * bit-identical to the AVX2 paths above (tests/test_cpu_linear.py compares them). Used for
+ * Z_LEAST rows or more (fewer rows wait on memory and on one FMA chain's latency, where the AVX2
+ * paths' two panels at a time do as well), in near-equal groups of at most Z_GROUP rows up to
+ * Z_IN_REGISTERS rows; more rows take the buffered path above. Chosen at run time (linear_isa). */
+
+#define Z_GROUP 16
+#define Z_IN_REGISTERS 32
+#define Z_LEAST 3
+
+#define Z512 __attribute__((target("avx512f,avx512bw")))
+
+/* The 16 weights of k step kk of a panel's block; d and m its scales (m unused for Q8_0). */
+Z512 static inline __attribute__((always_inline)) __m512
+dequantize512(const int fmt, const uint8_t *blk, int kk, __m512 d, __m512 m) {
+    if (fmt == Q4_1) {
+        const __m128i x = _mm_loadl_epi64((const __m128i *)(blk + 2 * PANEL * 4 + kk * 8));
+        const __m128i low = _mm_and_si128(x, _mm_set1_epi8(15));
+        const __m128i high = _mm_and_si128(_mm_srli_epi16(x, 4), _mm_set1_epi8(15));
+        /* columns 0-7 from the low nibbles, 8-15 from the high ones */
+        const __m512i q = _mm512_cvtepu8_epi32(_mm_unpacklo_epi64(low, high));
+        return _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(q), d), m);
+    }
+    const __m128i v = _mm_loadu_si128((const __m128i *)(blk + PANEL * 4 + kk * PANEL));
+    return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)), d);
+}
+
+#define Z_FMA(r, acc) if (R > r) acc = _mm512_fmadd_ps(_mm512_set1_ps(x[(r) * ldx + k]), w, acc);
+#define Z_STORE(r, acc)                                                              \
+    if (R > r)                                                                       \
+        _mm512_storeu_ps(y + (r) * ldy, bias ? _mm512_add_ps(acc, _mm512_loadu_ps(bias)) : acc);
+
+Z512 static inline __attribute__((always_inline)) void
+quant_group512(const int fmt, const int R, int64_t K, const float *x, int64_t ldx, const uint8_t *wp, float *y,
+               int64_t ldy, const float *bias) {
+    const int64_t bytes = block_bytes(fmt);
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+    __m512 a8 = a0, a9 = a0, a10 = a0, a11 = a0, a12 = a0, a13 = a0, a14 = a0, a15 = a0;
+    for (int64_t b = 0; b < K / Q4_K; b++) {
+        const uint8_t *blk = wp + b * bytes;
+        for (int line = 0; line < bytes; line += 64)  /* eight blocks ahead */
+            _mm_prefetch((const char *)blk + 8 * bytes + line, _MM_HINT_T0);
+        const float *dm = (const float *)blk;
+        const __m512 d = _mm512_loadu_ps(dm), m = fmt == Q4_1 ? _mm512_loadu_ps(dm + 16) : d;
+        for (int kk = 0; kk < Q4_K; kk++) {
+            const int64_t k = b * Q4_K + kk;
+            const __m512 w = dequantize512(fmt, blk, kk, d, m);
+            Z_FMA(0, a0) Z_FMA(1, a1) Z_FMA(2, a2) Z_FMA(3, a3) Z_FMA(4, a4) Z_FMA(5, a5) Z_FMA(6, a6) Z_FMA(7, a7)
+            Z_FMA(8, a8) Z_FMA(9, a9) Z_FMA(10, a10) Z_FMA(11, a11) Z_FMA(12, a12) Z_FMA(13, a13) Z_FMA(14, a14)
+            Z_FMA(15, a15)
+        }
+    }
+    Z_STORE(0, a0) Z_STORE(1, a1) Z_STORE(2, a2) Z_STORE(3, a3) Z_STORE(4, a4) Z_STORE(5, a5) Z_STORE(6, a6)
+    Z_STORE(7, a7) Z_STORE(8, a8) Z_STORE(9, a9) Z_STORE(10, a10) Z_STORE(11, a11) Z_STORE(12, a12)
+    Z_STORE(13, a13) Z_STORE(14, a14) Z_STORE(15, a15)
+}
+
+/* One panel's m rows (m <= Z_IN_REGISTERS): y[r, 0..15] for r < m. */
+#define Z_CASE(s) case s: quant_group512(fmt, s, k, xr, k, w, yr, n, b); break;
+Z512 static inline __attribute__((always_inline)) void
+panel512(const int fmt, const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n, const float *b,
+         float *y) {
+    for (int64_t r0 = 0, size; r0 < m; r0 += size) {
+        size = group_size(m - r0, Z_GROUP);
+        const float *xr = x + r0 * k;
+        float *yr = y + r0 * n;
+        switch (size) {
+        Z_CASE(1) Z_CASE(2) Z_CASE(3) Z_CASE(4) Z_CASE(5) Z_CASE(6) Z_CASE(7) Z_CASE(8)
+        Z_CASE(9) Z_CASE(10) Z_CASE(11) Z_CASE(12) Z_CASE(13) Z_CASE(14) Z_CASE(15)
+        default: quant_group512(fmt, 16, k, xr, k, w, yr, n, b); break;
+        }
+    }
+}
+
+Z512 static void panel512_q4(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n, const float *b,
+                             float *y) {
+    panel512(Q4_1, x, m, k, w, n, b, y);
+}
+
+Z512 static void panel512_q8(const float *x, int64_t m, int64_t k, const uint8_t *w, int64_t n, const float *b,
+                             float *y) {
+    panel512(Q8_0, x, m, k, w, n, b, y);
+}
+
+/* Whether the block products use the AVX-512 paths: -1 asks, 0 turns them off, 1 on where the CPU
+ * has AVX-512F and BW (the default). Returns the choice in force. */
+static int zmm_choice = -1;
+
+int linear_isa(int want) {
+    if (want >= 0 || zmm_choice < 0)
+        zmm_choice = want != 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+    return zmm_choice;
+}
+
 static inline __attribute__((always_inline)) int
 linear_blocks(const int fmt, const float *x, int64_t m, int64_t k, const uint8_t *wp, int64_t n,
               const float *bias, float *y, int threads) {
     const int64_t panels = n / PANEL, panel_bytes = (k / Q4_K) * block_bytes(fmt);
-    const int64_t in_registers = fmt == Q4_1 ? Q4_IN_REGISTERS : Q8_IN_REGISTERS;
+    const int zmm = m >= Z_LEAST && linear_isa(-1);
+    const int64_t in_registers = zmm ? Z_IN_REGISTERS : fmt == Q4_1 ? Q4_IN_REGISTERS : Q8_IN_REGISTERS;
     int failed = 0;
     #pragma omp parallel num_threads(threads)
     {
@@ -270,6 +372,10 @@ linear_blocks(const int fmt, const float *x, int64_t m, int64_t k, const uint8_t
         for (int64_t p = 0; p < panels; p++) {
             const uint8_t *w = wp + p * panel_bytes;
             const float *b = bias ? bias + p * PANEL : 0;
+            if (m <= in_registers && zmm) {
+                (fmt == Q4_1 ? panel512_q4 : panel512_q8)(x, m, k, w, n, b, y + p * PANEL);
+                continue;
+            }
             if (m <= in_registers) {
                 for (int64_t r0 = 0, size; r0 < m; r0 += size) {
                     size = group_size(m - r0, Q4_GROUP);
