@@ -37,7 +37,7 @@ SOURCE = Path(__file__).resolve().parent / "kernels" / "linear_avx2.c"
 PANEL = 16  # output columns per packed panel, as in the C file
 FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-fPIC", "-shared"]
 
-# Values of LOGITSPEC_CPU_KERNEL / LOGITSPEC_Q4 (every GGUF block product) that turn them off.
+# Values of LOGITSPEC_CPU_KERNEL / LOGITSPEC_Q4 (every GGUF block product) / LOGITSPEC_AVX512 that turn them off.
 OFF = ("0", "off", "false", "no")
 
 _lock = threading.Lock()
