@@ -1,6 +1,7 @@
 """Our AVX2 float32 product (decoding/cpu_linear.py): right, row-independent, and replaced by
 oneDNN's where it cannot be built."""
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -135,34 +136,29 @@ def test_block_values_are_ggufs_own_dequantization(fmt):
     assert ours.dtype == np.float32 and np.array_equal(ours, theirs.astype(np.float32))
 
 
-# Up to 12 rows the kernel dequantizes in registers (in groups of at most 6), from 13 through a
-# per-thread buffer: every way must give exactly the float32 kernel's outputs on the dequantized
-# weights, bias or not.
-def avx512_here() -> bool:
-    lib = cpu_linear.kernel() if HAS_AVX2 and HAS_CC else None
-    if lib is None:
-        return False
+@contextlib.contextmanager
+def block_products_on(isa: str):
+    """The block products on AVX2 alone ("avx2") or with their AVX-512 paths ("avx512"; a skip
+    where the CPU has no AVX-512F/BW), the kernel's choice restored after."""
+    lib = cpu_linear.kernel()
     was = lib.linear_isa(-1)
-    lib.linear_isa(1)
-    here = lib.linear_isa(-1) == 1
-    lib.linear_isa(was)
-    return here
+    try:
+        if lib.linear_isa(int(isa == "avx512")) != (isa == "avx512"):
+            pytest.skip("this CPU has no AVX-512F/BW")
+        yield
+    finally:
+        lib.linear_isa(was)
 
 
 @pytest.fixture(params=["avx2", "avx512"])
 def block_isa(request):
-    """The block products on AVX2 alone, then (where the CPU has it) with their AVX-512 paths."""
-    lib = cpu_linear.kernel()
-    was = lib.linear_isa(-1)
-    if lib.linear_isa(1 if request.param == "avx512" else 0) != (request.param == "avx512"):
-        lib.linear_isa(was)
-        pytest.skip("this CPU has no AVX-512F/BW")
-    yield request.param
-    lib.linear_isa(was)
+    with block_products_on(request.param):
+        yield request.param
 
 
-# Row counts across the block paths' edges: AVX2 in registers up to 6 (Q8_0) / 12 (Q4_1) rows,
-# AVX-512 from 3 rows in groups of up to 16 and up to 32 rows, the buffered path beyond.
+# The block products' paths: AVX2 in registers up to 6 (Q8_0) / 12 (Q4_1) rows in groups of at
+# most 6, AVX-512 from 3 to 32 rows in groups of at most 16, a per-thread buffer beyond: every way
+# must give exactly the float32 kernel's outputs on the dequantized weights, bias or not.
 @needs_kernel
 @pytest.mark.parametrize("fmt", ["q4_1", "q8_0"])
 @pytest.mark.parametrize("n, k", [(16, 32), (96, 576), (960, 576), (576, 1536)])
@@ -182,8 +178,9 @@ def test_block_product_is_bit_identical_to_the_float32_kernel(fmt, n, k, block_i
 
 
 @needs_kernel
-@pytest.mark.skipif(not avx512_here(), reason="this CPU has no AVX-512F/BW")
 def test_avx512_block_paths_are_on_by_default_and_can_be_turned_off(tmp_path):
+    with block_products_on("avx512"):  # skips where the CPU has no AVX-512
+        pass
     script = ("import torch\nfrom decoding import cpu_linear\nprint(cpu_linear.block_isa(cpu_linear.kernel()))")
     assert run_fresh(script, LOGITSPEC_CACHE=str(tmp_path)).strip() == "avx512"
     assert run_fresh(script, LOGITSPEC_CACHE=str(tmp_path), LOGITSPEC_AVX512="off").strip() == "avx2"
