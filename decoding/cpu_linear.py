@@ -26,6 +26,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -108,6 +109,12 @@ def bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     if hasattr(lib, "linear_isa"):
         lib.linear_isa.argtypes = [ctypes.c_int]
         lib.linear_isa.restype = ctypes.c_int
+    if hasattr(lib, "attend"):
+        lib.attend_supports.argtypes = [ctypes.c_int64] * 3
+        lib.attend_supports.restype = ctypes.c_int
+        p, i = ctypes.c_void_p, ctypes.c_int64
+        lib.attend.argtypes = [p, i, p, i, i, i, p, p, i, i, p, p, p, p, p, ctypes.c_float, p, ctypes.c_int]
+        lib.attend.restype = ctypes.c_int
     if hasattr(lib, "row_summary"):
         lib.row_summary.argtypes = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p, ctypes.c_void_p]
         lib.row_summary.restype = None
@@ -270,3 +277,74 @@ def top_k(lib: ctypes.CDLL, row: torch.Tensor, k: int) -> list[int]:
     if found < 0:
         raise MemoryError("top_k could not allocate")
     return list(out[:found])
+
+
+def attention_kernel(device: torch.device, dtype: torch.dtype, heads: int, kv_heads: int,
+                     head_dim: int) -> ctypes.CDLL | None:
+    """The kernel's attention (`attend` in the C file) for a model of this shape, or None: CPU
+    float32 only, a head dimension that is a multiple of 8, at most 32 query heads per KV head,
+    and not with LOGITSPEC_CPU_ATTENTION=off (PyTorch's SDPA instead)."""
+    if os.environ.get("LOGITSPEC_CPU_ATTENTION", "").lower() in OFF:
+        return None
+    lib = kernel_for(device, dtype)
+    if lib is None or not hasattr(lib, "attend") or not lib.attend_supports(heads, kv_heads, head_dim):
+        return None
+    return lib
+
+
+@dataclass(slots=True)
+class CellRows:
+    """Which cells of the paged KV cache each row of a forward sees, as the C file's `attend` reads
+    them: the rows of sequence s are seq_rows[s] .. seq_rows[s + 1] - 1, its block table
+    tables[seq_table[s]:], and row r sees cells 0 .. row_hi[r] - 1 and then extra_cells[extra_ptr[r]
+    .. extra_ptr[r + 1] - 1] (a tree node's ancestors and itself)."""
+
+    seq_rows: torch.Tensor  # int64 [sequences + 1]
+    tables: torch.Tensor  # int32
+    seq_table: torch.Tensor  # int64 [sequences]
+    row_hi: torch.Tensor  # int32 [rows]
+    extra_ptr: torch.Tensor  # int64 [rows + 1]
+    extra_cells: torch.Tensor  # int32
+
+    @classmethod
+    def of(cls, entries: list[tuple[list[int], int, int, torch.Tensor | None]]) -> "CellRows":
+        """entries: per sequence (its block table, cells already cached, new rows, their [n, n]
+        tree mask or None for causal rows)."""
+        seq_rows, tables, seq_table, row_hi, extra_ptr, extra_cells = [0], [], [], [], [0], []
+        for table, past, n, tree_mask in entries:
+            seq_table.append(len(tables))
+            tables += table
+            seq_rows.append(seq_rows[-1] + n)
+            if tree_mask is None:  # row i sees cells 0 .. past + i
+                row_hi += range(past + 1, past + n + 1)
+                extra_ptr += [extra_ptr[-1]] * n
+            else:  # the past, then its ancestors among the new rows and itself
+                row_hi += [past] * n
+                extra_cells += (tree_mask.nonzero()[:, 1] + past).tolist()
+                for seen in tree_mask.sum(1).tolist():
+                    extra_ptr.append(extra_ptr[-1] + seen)
+
+        def ints(values, dtype):
+            return torch.tensor(values or [0], dtype=dtype)
+
+        return cls(ints(seq_rows, torch.int64), ints(tables, torch.int32), ints(seq_table, torch.int64),
+                   ints(row_hi, torch.int32), ints(extra_ptr, torch.int64), ints(extra_cells, torch.int32))
+
+
+def attend(lib: ctypes.CDLL, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, rows: CellRows,
+           scale: float) -> torch.Tensor:
+    """q [N, heads, hd] float32 -> [N, heads * hd]: each row's attention over the cells `rows` gives
+    it, K/V read in place from the pools [kv_heads, blocks, block_size, hd]."""
+    n, heads, hd = q.shape
+    kv_heads, _, block_size, _ = k_pool.shape
+    if not (k_pool.is_contiguous() and v_pool.is_contiguous() and k_pool.shape == v_pool.shape):
+        raise ValueError("attend reads K/V pools [kv_heads, blocks, block_size, hd], contiguous")
+    q = q.contiguous()
+    out = torch.empty(n, heads * hd, dtype=torch.float32)
+    if n and not lib.attend(q.data_ptr(), rows.seq_table.numel(), rows.seq_rows.data_ptr(), heads, kv_heads, hd,
+                            k_pool.data_ptr(), v_pool.data_ptr(), k_pool.stride(0), block_size,
+                            rows.tables.data_ptr(), rows.seq_table.data_ptr(), rows.row_hi.data_ptr(),
+                            rows.extra_ptr.data_ptr(), rows.extra_cells.data_ptr(), scale, out.data_ptr(),
+                            torch.get_num_threads()):
+        raise MemoryError("attention could not allocate its score buffers")
+    return out

@@ -107,10 +107,14 @@ class AttentionPlan:
     home_stride: int = 0
     # composite: (its rows among the forward's [N], its batch entries, their plan)
     parts: list[tuple[torch.Tensor, list[SeqBatchEntry], AttentionPlan]] | None = None
+    # cells (the CPU kernel's attention): every row's cells, the whole forward in one call per layer
+    rows: cpu_linear.CellRows | None = None
 
     @property
     def calls(self) -> int:
         """Attention calls per layer."""
+        if self.rows is not None:
+            return 1
         if self.parts is not None:
             return sum(part.calls for _, _, part in self.parts)
         return 1 if self.batched else len(self.masks)
@@ -166,7 +170,9 @@ def _segments(batch: list[SeqBatchEntry], runs: list[list[tuple[int, int, int, i
 
 def plan_attention(batch: list[SeqBatchEntry], cache: KVCache, device: torch.device,
                    mode: str = "auto") -> AttentionPlan:
-    """Reserve the cells this forward writes and plan its attention. mode batched: one call;
+    """Reserve the cells this forward writes and plan its attention. mode cells: one call of the
+    CPU kernel's attention (`cpu_linear.attend`) for every row of the forward, each reading its own
+    cells in place (what a runner's auto means where it has that kernel); batched: one SDPA call;
     per-sequence: one per sequence; auto: one batched call on an accelerator (per-sequence calls
     are launch-bound there), and on a CPU the cheapest grouping by `_segments`: a batched call
     must read its K/V in place (gathering them costs more than the calls it saves) and reads every
@@ -179,6 +185,10 @@ def plan_attention(batch: list[SeqBatchEntry], cache: KVCache, device: torch.dev
         blocks += b
         offsets += o
     row_block, row_off = torch.tensor(blocks, device=device), torch.tensor(offsets, device=device)
+    if mode == "cells":
+        rows = cpu_linear.CellRows.of([(cache.tables[e.slot][:cache.blocks_for(e.past_len + e.n)], e.past_len, e.n,
+                                        None if e.tree_mask is None else e.tree_mask.cpu()) for e in batch])
+        return AttentionPlan(row_block, row_off, None, None, False, rows=rows)
     runs = [cache.runs(e.slot, e.past_len + e.n) for e in batch]
     if mode == "auto" and device.type == "cpu" and len(batch) > 1:
         groups = _segments(batch, runs, cache)
@@ -396,6 +406,11 @@ class LayerAttention:
         k_pool, v_pool = self.cache.k[layer], self.cache.v[layer]  # [kv_heads, blocks, block_size, hd]
         k_pool[:, plan.row_block, plan.row_off] = k.transpose(0, 1)  # each row's K/V into its cell
         v_pool[:, plan.row_block, plan.row_off] = v.transpose(0, 1)
+        if plan.rows is not None:
+            if window is not None or softcap is not None:
+                raise ValueError("the CPU kernel's attention has no sliding window or soft-capping")
+            return cpu_linear.attend(cpu_linear.kernel(), q, k_pool, v_pool, plan.rows,
+                                     scale if scale is not None else q.shape[-1] ** -0.5)
         return attention(q, k_pool, v_pool, self.batch, plan, self._biases(window, q.dtype), scale, softcap)
 
     def _biases(self, window: int | None, dtype: torch.dtype):
@@ -601,6 +616,10 @@ class Runner:
         self.dtype = dtype
         # Attention calls per layer: batched, per-sequence or auto (see plan_attention).
         self.attention_mode = "auto"
+        # The CPU kernel's attention, which auto takes where it is set (a runner whose layers all
+        # fit it sets it): one call per layer, and a row's result the same bits whatever else is
+        # in the forward.
+        self.cell_attention = None
         self.attention_calls = 0  # attention calls run so far, all layers counted
 
     @property
@@ -619,7 +638,8 @@ class Runner:
 
     def _layer_attention(self, batch: list[SeqBatchEntry], positions: torch.Tensor, cache: KVCache) -> LayerAttention:
         """This forward's attention, planned once for every layer."""
-        plan = plan_attention(batch, cache, self.device, self.attention_mode)
+        mode = "cells" if self.attention_mode == "auto" and self.cell_attention is not None else self.attention_mode
+        plan = plan_attention(batch, cache, self.device, mode)
         self.attention_calls += plan.calls * self.config.num_layers
         return LayerAttention(cache, batch, plan, positions)
 
@@ -649,6 +669,9 @@ class Model(Runner):
         self.norm = self._norm_weight(w, "model.norm.weight")
         self.layers = [self._load_layer(w, f"model.layers.{i}.") for i in range(cfg.num_layers)]
         self.attention_options = [self._attention_options(i) for i in range(cfg.num_layers)]
+        if not any(o.get("window") or o.get("softcap") for o in self.attention_options):
+            self.cell_attention = cpu_linear.attention_kernel(device, dtype, cfg.num_heads, cfg.num_kv_heads,
+                                                              cfg.head_dim)
         self.ropes, self.layer_rope = self._ropes()  # RoPE kinds by name, and each layer's
         self._qkv, self._mlp = self._qkv_eager, self._mlp_eager  # compile() replaces them
 

@@ -70,8 +70,8 @@ def _engine_args(p: argparse.ArgumentParser, calibration_rounds: int = ENGINE["c
     p.add_argument("--sampler", default=ENGINE["sampler"], choices=SAMPLERS,
                    help="lossless sampling verifier (coupled: same text for a seed whatever the draft)")
     p.add_argument("--attention", default=ENGINE["attention"], choices=ATTENTION,
-                   help="attention calls per layer: one for the whole batch, one per sequence, or auto (batched "
-                        "on a GPU; on a CPU batched unless padding adds more than half the query rows)")
+                   help="attention calls per layer: one for the whole batch, one per sequence, or auto (on a CPU "
+                        "in float32 our kernel's, one call over every row's own cells; on a GPU one batched call)")
     p.add_argument("--compile", action="store_true", default=ENGINE["compile"],
                    help="torch.compile the layers' dense parts (for GPUs; not with CPU float32)")
     p.add_argument("--calibration-rounds", type=int, default=calibration_rounds,

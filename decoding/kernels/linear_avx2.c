@@ -512,3 +512,280 @@ int64_t top_k(const float *row, int64_t vocab, int64_t k, int64_t *out) {
     free(vals);
     return count;
 }
+
+/* ---- attention over the paged KV cache --------------------------------------------------------
+ *
+ * out[r, h] = softmax(scale * q[r, h] . K[c]) . V[c] over the cells c that row r sees, for every
+ * row of a forward (plain steps, draft trees, prefill chunks; several sequences at once), reading
+ * K/V in place from the pool [kv_heads][blocks][block_size][hd] through each sequence's block table.
+ *
+ * Row r sees cells 0 .. hi[r] - 1 of its sequence and then its extra cells (a tree node's
+ * ancestors and itself, ascending). A row's result depends only on its query and that sequence of
+ * keys: every score is one FMA chain over the head dimension, reduced in a fixed pattern; the
+ * exponentials' sum runs in 8 lanes by key index; every output is one FMA chain over the keys in
+ * order. So a tree node gives the same bits as the plain step at its position once its ancestors
+ * are committed (cells 0 .. p, the same keys in the same order), whatever rows, sequences or
+ * threads share the call; PyTorch's SDPA does not (about 1e-7 apart between 1 and n rows).
+ *
+ * Work items are (sequence, KV head, up to ROW_TILE rows): the query heads of one KV head over a
+ * few rows score the keys they all see together, QT queries x KT keys per tile, so each key is read
+ * once per item; the keys some of them see beyond that (their own cells, a tree's extras) are
+ * scored query by query with the same arithmetic. */
+
+#define QT 3        /* queries per tile (a 135M model's query heads per KV head) */
+#define KT 4        /* keys per tile */
+#define ROW_TILE 8  /* rows per work item, at most */
+
+/* e^x for x <= 0 (down to -87; below that the result is ~1e-38 instead of less), lane by lane:
+ * x = n ln2 + f with |f| <= ln2 / 2, e^f by its degree-7 Taylor polynomial (relative error ~2e-8
+ * before rounding), times 2^n through the exponent bits. */
+static inline __m256 exp_nonpositive(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));
+    __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                               _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 f = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693145751953125f), x);  /* ln2 in two parts */
+    f = _mm256_fnmadd_ps(n, _mm256_set1_ps(1.428606765330187045e-06f), f);
+    __m256 p = _mm256_set1_ps(1.0f / 5040);
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 720));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+/* The sums of a0..a3's lanes, each as ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)). */
+static inline __m128 lane_sums4(__m256 a0, __m256 a1, __m256 a2, __m256 a3) {
+    __m256 u = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    return _mm_add_ps(_mm256_castps256_ps128(u), _mm256_extractf128_ps(u, 1));
+}
+
+/* Scores of QT queries against the KT keys at kh + off[0..KT-1], into s[i][j0 ..]. */
+static inline void score_tile(const float *const *qs, const float *kh, const int64_t *off, int64_t hd,
+                              float scale, float *const *s, int64_t j0) {
+    __m256 a[QT][KT];
+    for (int i = 0; i < QT; i++)
+        for (int u = 0; u < KT; u++) a[i][u] = _mm256_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 8) {
+        __m256 k0 = _mm256_loadu_ps(kh + off[0] + d), k1 = _mm256_loadu_ps(kh + off[1] + d);
+        __m256 k2 = _mm256_loadu_ps(kh + off[2] + d), k3 = _mm256_loadu_ps(kh + off[3] + d);
+        for (int i = 0; i < QT; i++) {
+            __m256 qd = _mm256_loadu_ps(qs[i] + d);
+            a[i][0] = _mm256_fmadd_ps(qd, k0, a[i][0]);
+            a[i][1] = _mm256_fmadd_ps(qd, k1, a[i][1]);
+            a[i][2] = _mm256_fmadd_ps(qd, k2, a[i][2]);
+            a[i][3] = _mm256_fmadd_ps(qd, k3, a[i][3]);
+        }
+    }
+    for (int i = 0; i < QT; i++)
+        _mm_storeu_ps(s[i] + j0, _mm_mul_ps(lane_sums4(a[i][0], a[i][1], a[i][2], a[i][3]), _mm_set1_ps(scale)));
+}
+
+/* One query's scores against KT keys: per key the same arithmetic as score_tile. */
+static inline void score_keys(const float *qv, const float *kh, const int64_t *off, int64_t hd, float scale,
+                              float *s) {
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t d = 0; d < hd; d += 8) {
+        __m256 qd = _mm256_loadu_ps(qv + d);
+        a0 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kh + off[0] + d), a0);
+        a1 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kh + off[1] + d), a1);
+        a2 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kh + off[2] + d), a2);
+        a3 = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kh + off[3] + d), a3);
+    }
+    _mm_storeu_ps(s, _mm_mul_ps(lane_sums4(a0, a1, a2, a3), _mm_set1_ps(scale)));
+}
+
+/* Where cell c of a sequence is, in floats from its KV head's plane of the pool. */
+static inline int64_t cell_at(const int32_t *table, int64_t c, int64_t block_size, int64_t hd) {
+    return ((int64_t)table[c / block_size] * block_size + c % block_size) * hd;
+}
+
+/* The j-th cell row r sees. */
+static inline int64_t seen_cell(int64_t j, int64_t hi, const int32_t *extras) {
+    return j < hi ? j : extras[j - hi];
+}
+
+/* One work item: rows r0 .. r1 - 1 of a sequence (table), KV head g. */
+static void attend_item(const float *q, int64_t r0, int64_t r1, int64_t g, int64_t heads, int64_t group, int64_t hd,
+                        const float *kh, const float *vh, int64_t block_size, const int32_t *table,
+                        const int32_t *row_hi, const int64_t *extra_ptr, const int32_t *extra_cells, float scale,
+                        float *out, float *sbuf, int64_t stride, int64_t *off, float *acc) {
+    const float *qs[ROW_TILE * 32 + QT];
+    float *s[ROW_TILE * 32 + QT];
+    int64_t count[ROW_TILE * 32 + QT];
+    int64_t nq = (r1 - r0) * group, padded_nq = (nq + QT - 1) / QT * QT, shared = row_hi[r0];
+    for (int64_t r = r0; r < r1; r++) shared = row_hi[r] < shared ? row_hi[r] : shared;
+    for (int64_t i = 0; i < padded_nq; i++) {  /* queries (row, head) in order; the padding repeats the first */
+        int64_t r = r0 + (i < nq ? i : 0) / group, h = g * group + (i < nq ? i : 0) % group;
+        qs[i] = q + (r * heads + h) * hd;
+        s[i] = sbuf + i * stride;
+        count[i] = row_hi[r] + extra_ptr[r + 1] - extra_ptr[r];
+    }
+    for (int64_t c = 0; c < shared; c += block_size) {  /* the shared cells' places, block by block */
+        int64_t base = (int64_t)table[c / block_size] * block_size * hd;
+        int64_t end = c + block_size < shared ? c + block_size : shared;
+        for (int64_t cc = c; cc < end; cc++) off[cc] = base + (cc - c) * hd;
+    }
+    int64_t full = shared / KT * KT;
+    for (int64_t j = 0; j < full; j += KT)
+        for (int64_t i = 0; i < padded_nq; i += QT) score_tile(qs + i, kh, off + j, hd, scale, s + i, j);
+    for (int64_t i = 0; i < nq; i++) {
+        int64_t r = r0 + i / group;
+        const int32_t *extras = extra_cells + extra_ptr[r];
+        for (int64_t j = full; j < count[i]; j += KT) {  /* the rest of its keys, KT at a time */
+            int64_t o[KT];
+            float t[KT];
+            for (int u = 0; u < KT; u++)
+                o[u] = cell_at(table, seen_cell(j + u < count[i] ? j + u : j, row_hi[r], extras), block_size, hd);
+            score_keys(qs[i], kh, o, hd, scale, t);
+            for (int u = 0; u < KT && j + u < count[i]; u++) s[i][j + u] = t[u];
+        }
+        /* softmax: weights e^(s - max) in place, their sum in 8 lanes by key index */
+        int64_t n8 = (count[i] + 7) / 8 * 8;
+        for (int64_t j = count[i]; j < n8; j++) s[i][j] = -INFINITY;
+        __m256 top = _mm256_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < n8; j += 8) top = _mm256_max_ps(top, _mm256_load_ps(s[i] + j));
+        float lanes[8];
+        _mm256_storeu_ps(lanes, top);
+        float m = lanes[0];
+        for (int u = 1; u < 8; u++) m = lanes[u] > m ? lanes[u] : m;
+        __m256 mv = _mm256_set1_ps(m), total = _mm256_setzero_ps(), none = _mm256_set1_ps(-INFINITY);
+        for (int64_t j = 0; j < n8; j += 8) {
+            __m256 x = _mm256_load_ps(s[i] + j);
+            __m256 e = _mm256_and_ps(exp_nonpositive(_mm256_sub_ps(x, mv)), _mm256_cmp_ps(x, none, _CMP_NEQ_OQ));
+            _mm256_store_ps(s[i] + j, e);
+            total = _mm256_add_ps(total, e);
+        }
+        _mm256_storeu_ps(lanes, total);
+        float sum = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        s[i][stride - 1] = 1.0f / sum;
+    }
+    /* outputs: the shared keys in blocks of `span`, whose V rows stay in L1 while every query tile
+     * passes over them (12 accumulators in registers: QT queries x 32 dimensions, carried between
+     * blocks in acc), then each query's own keys. Every output element is one FMA chain over the
+     * keys in order, from zero, whichever loop runs it. */
+    int64_t span = 4096 / hd > 8 ? 4096 / hd : 8, wide = hd / 32 * 32;
+    for (int64_t i = 0; i < padded_nq * hd; i++) acc[i] = 0.0f;
+    for (int64_t jb = 0; jb < shared; jb += span) {
+        int64_t je = jb + span < shared ? jb + span : shared;
+        for (int64_t i0 = 0; i0 < padded_nq; i0 += QT) {
+            const float *w0p = s[i0], *w1p = s[i0 + 1], *w2p = s[i0 + 2];
+            float *c0 = acc + i0 * hd, *c1 = c0 + hd, *c2 = c1 + hd;
+            for (int64_t d0 = 0; d0 < wide; d0 += 32) {
+                __m256 a00 = _mm256_loadu_ps(c0 + d0), a01 = _mm256_loadu_ps(c0 + d0 + 8);
+                __m256 a02 = _mm256_loadu_ps(c0 + d0 + 16), a03 = _mm256_loadu_ps(c0 + d0 + 24);
+                __m256 a10 = _mm256_loadu_ps(c1 + d0), a11 = _mm256_loadu_ps(c1 + d0 + 8);
+                __m256 a12 = _mm256_loadu_ps(c1 + d0 + 16), a13 = _mm256_loadu_ps(c1 + d0 + 24);
+                __m256 a20 = _mm256_loadu_ps(c2 + d0), a21 = _mm256_loadu_ps(c2 + d0 + 8);
+                __m256 a22 = _mm256_loadu_ps(c2 + d0 + 16), a23 = _mm256_loadu_ps(c2 + d0 + 24);
+                for (int64_t j = jb; j < je; j++) {
+                    const float *vj = vh + off[j] + d0;
+                    __m256 w0 = _mm256_broadcast_ss(w0p + j), w1 = _mm256_broadcast_ss(w1p + j);
+                    __m256 w2 = _mm256_broadcast_ss(w2p + j), v;
+                    v = _mm256_loadu_ps(vj);
+                    a00 = _mm256_fmadd_ps(w0, v, a00); a10 = _mm256_fmadd_ps(w1, v, a10); a20 = _mm256_fmadd_ps(w2, v, a20);
+                    v = _mm256_loadu_ps(vj + 8);
+                    a01 = _mm256_fmadd_ps(w0, v, a01); a11 = _mm256_fmadd_ps(w1, v, a11); a21 = _mm256_fmadd_ps(w2, v, a21);
+                    v = _mm256_loadu_ps(vj + 16);
+                    a02 = _mm256_fmadd_ps(w0, v, a02); a12 = _mm256_fmadd_ps(w1, v, a12); a22 = _mm256_fmadd_ps(w2, v, a22);
+                    v = _mm256_loadu_ps(vj + 24);
+                    a03 = _mm256_fmadd_ps(w0, v, a03); a13 = _mm256_fmadd_ps(w1, v, a13); a23 = _mm256_fmadd_ps(w2, v, a23);
+                }
+                _mm256_storeu_ps(c0 + d0, a00); _mm256_storeu_ps(c0 + d0 + 8, a01);
+                _mm256_storeu_ps(c0 + d0 + 16, a02); _mm256_storeu_ps(c0 + d0 + 24, a03);
+                _mm256_storeu_ps(c1 + d0, a10); _mm256_storeu_ps(c1 + d0 + 8, a11);
+                _mm256_storeu_ps(c1 + d0 + 16, a12); _mm256_storeu_ps(c1 + d0 + 24, a13);
+                _mm256_storeu_ps(c2 + d0, a20); _mm256_storeu_ps(c2 + d0 + 8, a21);
+                _mm256_storeu_ps(c2 + d0 + 16, a22); _mm256_storeu_ps(c2 + d0 + 24, a23);
+            }
+            for (int u = 0; u < QT && wide < hd; u++) {  /* the last 8-24 dimensions, query by query */
+                float *cu = acc + (i0 + u) * hd;
+                for (int64_t j = jb; j < je; j++) {
+                    __m256 w = _mm256_broadcast_ss(s[i0 + u] + j);
+                    for (int64_t d = wide; d < hd; d += 8)
+                        _mm256_storeu_ps(cu + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vh + off[j] + d),
+                                                                 _mm256_loadu_ps(cu + d)));
+                }
+            }
+        }
+    }
+    for (int64_t i = 0; i < nq; i++) {  /* each query's own keys, then 1 / sum */
+        int64_t r = r0 + i / group, h = g * group + i % group;
+        const int32_t *extras = extra_cells + extra_ptr[r];
+        float *ci = acc + i * hd;
+        for (int64_t j = shared; j < count[i]; j++) {
+            const float *vj = vh + cell_at(table, seen_cell(j, row_hi[r], extras), block_size, hd);
+            __m256 w = _mm256_broadcast_ss(s[i] + j);
+            for (int64_t d = 0; d < hd; d += 8)
+                _mm256_storeu_ps(ci + d, _mm256_fmadd_ps(w, _mm256_loadu_ps(vj + d), _mm256_loadu_ps(ci + d)));
+        }
+        __m256 inv = _mm256_set1_ps(s[i][stride - 1]);
+        float *o = out + (r * heads + h) * hd;
+        for (int64_t d = 0; d < hd; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(ci + d), inv));
+    }
+}
+
+/* q [rows][heads][hd], out the same; the rows of sequence s are seq_rows[s] .. seq_rows[s+1] - 1 and its
+ * table is tables[seq_table[s] ..]; row r sees cells 0 .. row_hi[r] - 1, then extra_cells[extra_ptr[r] ..
+ * extra_ptr[r+1] - 1]. hd a multiple of 8 and heads / kv_heads at most 32 (attend_supports). */
+int attend_supports(int64_t heads, int64_t kv_heads, int64_t hd) {
+    return hd > 0 && hd % 8 == 0 && kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= 32;
+}
+
+int attend(const float *q, int64_t n_seqs, const int64_t *seq_rows, int64_t heads, int64_t kv_heads, int64_t hd,
+           const float *k_pool, const float *v_pool, int64_t head_stride, int64_t block_size, const int32_t *tables,
+           const int64_t *seq_table, const int32_t *row_hi, const int64_t *extra_ptr, const int32_t *extra_cells,
+           float scale, float *out, int threads) {
+    if (!attend_supports(heads, kv_heads, hd)) return 0;
+    int64_t group = heads / kv_heads, rows = seq_rows[n_seqs], most = 0, items = 0;
+    for (int64_t r = 0; r < rows; r++) {
+        int64_t c = row_hi[r] + extra_ptr[r + 1] - extra_ptr[r];
+        most = c > most ? c : most;
+    }
+    int64_t stride = (most + 7) / 8 * 8 + 8;  /* the last float of a score row: 1 / sum */
+    /* items: each sequence's rows cut into near-equal tiles of at most ROW_TILE, times the KV heads */
+    int64_t *item = malloc(sizeof(int64_t) * 4 * (rows + n_seqs) * kv_heads);
+    if (!item) return 0;
+    for (int64_t sq = 0; sq < n_seqs; sq++) {
+        int64_t n = seq_rows[sq + 1] - seq_rows[sq], tiles = (n + ROW_TILE - 1) / ROW_TILE;
+        int64_t enough = (2 * threads + kv_heads - 1) / kv_heads;  /* two items a thread, where rows allow */
+        tiles = tiles > enough ? tiles : enough < n ? enough : n;
+        for (int64_t t = 0; t < tiles; t++)
+            for (int64_t g = 0; g < kv_heads; g++, items++) {
+                item[4 * items] = sq;
+                item[4 * items + 1] = seq_rows[sq] + n * t / tiles;
+                item[4 * items + 2] = seq_rows[sq] + n * (t + 1) / tiles;
+                item[4 * items + 3] = g;
+            }
+    }
+    int failed = 0;
+    #pragma omp parallel num_threads(threads)
+    {
+        int64_t queries = (ROW_TILE * group + QT - 1) / QT * QT;
+        float *sbuf = aligned_alloc(32, (size_t)(queries * stride) * sizeof(float));
+        int64_t *off = malloc(sizeof(int64_t) * (size_t)(most + 1));
+        float *acc = malloc(sizeof(float) * (size_t)(queries * hd));
+        if (sbuf)
+            for (int64_t i = 0; i < queries * stride; i++) sbuf[i] = 0.0f;
+        #pragma omp for schedule(dynamic, 1)  /* items of unequal sizes; which thread runs one changes no bit */
+        for (int64_t it = 0; it < items; it++) {
+            if (!sbuf || !off || !acc) {
+                #pragma omp atomic write
+                failed = 1;
+                continue;
+            }
+            int64_t sq = item[4 * it], r0 = item[4 * it + 1], r1 = item[4 * it + 2], g = item[4 * it + 3];
+            attend_item(q, r0, r1, g, heads, group, hd, k_pool + g * head_stride, v_pool + g * head_stride,
+                        block_size, tables + seq_table[sq], row_hi, extra_ptr, extra_cells, scale, out, sbuf,
+                        stride, off, acc);
+        }
+        free(sbuf);
+        free(off);
+        free(acc);
+    }
+    free(item);
+    return !failed;
+}
