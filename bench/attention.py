@@ -1,6 +1,7 @@
 """Attention calls per step and forward time: one batched call per layer, one call per sequence,
-and `auto` (on a CPU: neighbouring seats batched where that costs less), on the default model (or
---model), for the batch shapes a decoding step has.
+and `auto` (on a CPU in float32: our kernel's attention, one call per layer for every row; else
+SDPA with neighbouring seats batched where that costs less), on the default model (or --model),
+for the batch shapes a decoding step has.
 
     python bench/attention.py [--batches 1,4,8,16] [--context 400] [--rounds 7]
 
