@@ -13,13 +13,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.kernel_ab import chain_timer  # noqa: E402
 from decoding.config import EngineConfig  # noqa: E402
 from decoding.engine import Engine  # noqa: E402
 from decoding.model import SeqBatchEntry  # noqa: E402
@@ -42,13 +42,7 @@ def main() -> None:
     ctx = torch.randint(0, model.config.vocab_size, (max(args.past) + max(SIZES),),
                         generator=torch.Generator().manual_seed(0))
     for past in args.past:
-        engine._forward(ctx[:past], torch.arange(past), [SeqBatchEntry(slot, 0, past, None)], last_only=True)
-
-        def forward(n: int) -> tuple[float, torch.Tensor]:
-            entry = [SeqBatchEntry(slot, past, n, torch.ones(n, n, dtype=torch.bool).tril_())]
-            t0 = time.perf_counter()
-            logits = engine._forward(ctx[past:past + n], torch.arange(past, past + n), entry)
-            return time.perf_counter() - t0, logits
+        forward = chain_timer(engine, slot, ctx, past)
 
         same = {}
         for name, lib in versions.items():

@@ -19,6 +19,11 @@ from decoding.loader import LoadedModel  # noqa: E402
 os.environ["LOGITSPEC_CALIBRATION_CACHE"] = tempfile.mkdtemp(prefix="logitspec-test-calibration-")
 atexit.register(shutil.rmtree, os.environ["LOGITSPEC_CALIBRATION_CACHE"], True)
 
+# Tests of our C kernel (decoding/cpu_linear.py): it is built only on x86 with AVX2 and a compiler.
+HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+HAS_CC = shutil.which(os.environ.get("CC", "cc")) is not None
+needs_kernel = pytest.mark.skipif(not (HAS_AVX2 and HAS_CC), reason="the kernel needs AVX2 and a C compiler")
+
 
 class TinyTokenizer:
     """Enough of a tokenizer for engine tests on a random model: ids are the text."""

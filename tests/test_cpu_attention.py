@@ -2,19 +2,15 @@
 `cpu_linear.attend`): right against float64, and a row's result the same bits whatever else is in
 the call, which is what makes a tree node's logits equal the plain step's."""
 
-import os
-import shutil
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 from decoding import cpu_linear
 from decoding.model import Model, SeqBatchEntry
+from tests.conftest import needs_kernel
 
-HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-HAS_CC = shutil.which(os.environ.get("CC", "cc")) is not None
-pytestmark = pytest.mark.skipif(not (HAS_AVX2 and HAS_CC), reason="the kernel needs AVX2 and a C compiler")
+pytestmark = needs_kernel
 
 BLOCK = 16
 

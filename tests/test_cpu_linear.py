@@ -3,7 +3,6 @@ oneDNN's where it cannot be built."""
 
 import contextlib
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +13,9 @@ import torch.nn.functional as F
 
 from decoding import cpu_linear
 from decoding.model import Linear
+from tests.conftest import needs_kernel
 
 ROOT = Path(__file__).resolve().parent.parent
-HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-HAS_CC = shutil.which(os.environ.get("CC", "cc")) is not None
-
-needs_kernel = pytest.mark.skipif(not (HAS_AVX2 and HAS_CC), reason="the kernel needs AVX2 and a C compiler")
 
 
 @needs_kernel

@@ -535,6 +535,7 @@ int64_t top_k(const float *row, int64_t vocab, int64_t k, int64_t *out) {
 #define QT 3        /* queries per tile (a 135M model's query heads per KV head) */
 #define KT 4        /* keys per tile */
 #define ROW_TILE 8  /* rows per work item, at most */
+#define MAX_GROUP 32  /* query heads per KV head, at most (attend_supports) */
 
 /* e^x for x <= 0 (down to -87; below that the result is ~1e-38 instead of less), lane by lane:
  * x = n ln2 + f with |f| <= ln2 / 2, e^f by its degree-7 Taylor polynomial (relative error ~2e-8
@@ -613,9 +614,9 @@ static void attend_item(const float *q, int64_t r0, int64_t r1, int64_t g, int64
                         const float *kh, const float *vh, int64_t block_size, const int32_t *table,
                         const int32_t *row_hi, const int64_t *extra_ptr, const int32_t *extra_cells, float scale,
                         float *out, float *sbuf, int64_t stride, int64_t *off, float *acc) {
-    const float *qs[ROW_TILE * 32 + QT];
-    float *s[ROW_TILE * 32 + QT];
-    int64_t count[ROW_TILE * 32 + QT];
+    const float *qs[ROW_TILE * MAX_GROUP + QT];
+    float *s[ROW_TILE * MAX_GROUP + QT];
+    int64_t count[ROW_TILE * MAX_GROUP + QT];
     int64_t nq = (r1 - r0) * group, padded_nq = (nq + QT - 1) / QT * QT, shared = row_hi[r0];
     for (int64_t r = r0; r < r1; r++) shared = row_hi[r] < shared ? row_hi[r] : shared;
     for (int64_t i = 0; i < padded_nq; i++) {  /* queries (row, head) in order; the padding repeats the first */
@@ -732,7 +733,7 @@ static void attend_item(const float *q, int64_t r0, int64_t r1, int64_t g, int64
  * table is tables[seq_table[s] ..]; row r sees cells 0 .. row_hi[r] - 1, then extra_cells[extra_ptr[r] ..
  * extra_ptr[r+1] - 1]. hd a multiple of 8 and heads / kv_heads at most 32 (attend_supports). */
 int attend_supports(int64_t heads, int64_t kv_heads, int64_t hd) {
-    return hd > 0 && hd % 8 == 0 && kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= 32;
+    return hd > 0 && hd % 8 == 0 && kv_heads > 0 && heads % kv_heads == 0 && heads / kv_heads <= MAX_GROUP;
 }
 
 int attend(const float *q, int64_t n_seqs, const int64_t *seq_rows, int64_t heads, int64_t kv_heads, int64_t hd,
