@@ -39,6 +39,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from decoding.config import EngineConfig  # noqa: E402
 from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes  # noqa: E402
 from decoding.drafters import make_drafter, top_wanted  # noqa: E402
 from decoding.engine import is_probe, is_stretch  # noqa: E402
@@ -53,7 +54,6 @@ SEPARATOR = 2**62  # between turns in a shared index: beyond any vocabulary, so 
 def record(args) -> int:
     import torch
 
-    from decoding.config import EngineConfig
     from decoding.engine import Engine
     from decoding.model import SeqBatchEntry
     from decoding.verify import SamplingParams
@@ -116,7 +116,7 @@ class Replay:
     prices do not move)."""
 
     def __init__(self, method: str, capacity: int, calibration: dict[int, float] | None, drafter_options: dict,
-                 shared_index: bool = False):
+                 shared_index: bool = False, margin: float = 0.0):
         self.drafter = make_drafter(method)
         for name, value in drafter_options.items():
             if not hasattr(self.drafter, name):
@@ -124,7 +124,7 @@ class Replay:
             setattr(self.drafter, name, type(getattr(self.drafter, name))(value))
         self.stats = AcceptanceStats()
         self.capacity = capacity
-        self.cost = CostModel(calibration, capacity) if calibration else None
+        self.cost = CostModel(calibration, capacity, margin=margin) if calibration else None
         self.steps_run = 0
         self.probes = 0
         # shared_index: each turn's index also holds every earlier turn's prompt and answer (one
@@ -240,7 +240,8 @@ def replay(args) -> int:
     rows = defaultdict(dict)
     for j, (method, label) in enumerate(zip(methods, labels)):
         last = j == len(methods) - 1
-        run = Replay(method, args.capacity, calibration, options if last else {}, args.shared_index and last)
+        run = Replay(method, args.capacity, calibration, options if last else {}, args.shared_index and last,
+                     args.margin)
         tally = defaultdict(lambda: [0, 0, 0, 0.0, 0.0])
         t0 = time.perf_counter()
         for turn in turns:
@@ -280,6 +281,9 @@ def main() -> int:
                      help="size trees as the engine does, by a cost model with this calibration (start-up "
                           "prints it, e.g. 1:34,4:42,8:49,16:66,32:97,64:163), and compare modelled tokens "
                           "per second")
+    rep.add_argument("--margin", type=float, default=EngineConfig.draft_margin,
+                     help="with --cost: how much more than plain decoding a draft must promise (the engine's "
+                          "--draft-margin; default its default)")
     rep.add_argument("--order", default="bench", help="bench (the recording's: category after category), "
                      "reverse, shuffle:SEED (traffic that mixes categories; the statistics learn in order), "
                      "or questions:SEED (questions shuffled, each one's turns in order)")
