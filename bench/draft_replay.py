@@ -281,7 +281,7 @@ def main() -> int:
                      help="size trees as the engine does, by a cost model with this calibration (start-up "
                           "prints it, e.g. 1:34,4:42,8:49,16:66,32:97,64:163), and compare modelled tokens "
                           "per second")
-    rep.add_argument("--margin", type=float, default=EngineConfig.draft_margin,
+    rep.add_argument("--margin", type=float, default=EngineConfig().draft_margin,
                      help="with --cost: how much more than plain decoding a draft must promise (the engine's "
                           "--draft-margin; default its default)")
     rep.add_argument("--order", default="bench", help="bench (the recording's: category after category), "

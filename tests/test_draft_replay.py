@@ -86,3 +86,25 @@ def test_estimates_that_fell_below_the_floor_rise_again():
         t, s, *_ = run.turn(recording(seed))
         tokens, steps = tokens + t, steps + s
     assert steps < 0.7 * tokens
+
+
+def test_the_command_line_replay_gates_drafts_by_the_engines_margin(tmp_path, monkeypatch, capsys):
+    """`replay --cost` runs with the engine's draft margin unless told otherwise, and a margin a
+    draft must clear makes the replay draft less (as --draft-margin makes the engine)."""
+    import json
+    import re
+    import sys
+
+    from bench.draft_replay import main
+
+    path = tmp_path / "recording.json"
+    path.write_text(json.dumps({"max_new_tokens": 400, "turns": [recording(seed) for seed in range(3)]}))
+    cost = ",".join(f"{n}:{1000 * s}" for n, s in CALIBRATION.items())
+    verified = {}
+    for margin in (None, "0", "1"):
+        monkeypatch.setattr(sys, "argv", ["draft_replay.py", "replay", str(path), "--cost", cost, "--methods", "pld"]
+                            + (["--margin", margin] if margin is not None else []))
+        assert main() == 0
+        err = capsys.readouterr().err
+        verified[margin] = float(re.search(r"([\d.]+) tokens verified a step", err).group(1))
+    assert verified["1"] < verified[None] <= verified["0"]
