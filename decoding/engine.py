@@ -308,7 +308,7 @@ class Engine:
             if formats and cpu_linear.block_isa(cpu_linear.kernel()) == "avx512":
                 self.products += "+avx512"
         self.model.attention_mode = config.attention
-        if getattr(self.model, "cell_attention", None) is not None and config.attention == "auto":
+        if getattr(self.model, "cells_kernel", None) is not None:
             self.products += "+attention"  # the CPU kernel's attention: other forward costs, another calibration
         if config.compile:
             self.model.compile()

@@ -11,6 +11,7 @@ four matrix products.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, fields
 
 import torch
@@ -108,7 +109,9 @@ class AttentionPlan:
     # composite: (its rows among the forward's [N], its batch entries, their plan)
     parts: list[tuple[torch.Tensor, list[SeqBatchEntry], AttentionPlan]] | None = None
     # cells (the CPU kernel's attention): every row's cells, the whole forward in one call per layer
+    # of `kernel`, the library the runner chose (Runner.cells_kernel)
     rows: cpu_linear.CellRows | None = None
+    kernel: ctypes.CDLL | None = None
 
     @property
     def calls(self) -> int:
@@ -169,10 +172,11 @@ def _segments(batch: list[SeqBatchEntry], runs: list[list[tuple[int, int, int, i
 
 
 def plan_attention(batch: list[SeqBatchEntry], cache: KVCache, device: torch.device,
-                   mode: str = "auto") -> AttentionPlan:
-    """Reserve the cells this forward writes and plan its attention. mode cells: one call of the
-    CPU kernel's attention (`cpu_linear.attend`) for every row of the forward, each reading its own
-    cells in place (what a runner's auto means where it has that kernel); batched: one SDPA call;
+                   mode: str = "auto", cells: ctypes.CDLL | None = None) -> AttentionPlan:
+    """Reserve the cells this forward writes and plan its attention. cells (a runner's auto where it
+    has the CPU kernel's attention, Runner.cells_kernel): one call of that library's attention
+    (`cpu_linear.attend`) for every row of the forward, each reading its own cells in place,
+    whatever the mode; else batched: one SDPA call;
     per-sequence: one per sequence; auto: one batched call on an accelerator (per-sequence calls
     are launch-bound there), and on a CPU the cheapest grouping by `_segments`: a batched call
     must read its K/V in place (gathering them costs more than the calls it saves) and reads every
@@ -185,10 +189,10 @@ def plan_attention(batch: list[SeqBatchEntry], cache: KVCache, device: torch.dev
         blocks += b
         offsets += o
     row_block, row_off = torch.tensor(blocks, device=device), torch.tensor(offsets, device=device)
-    if mode == "cells":
+    if cells is not None:
         rows = cpu_linear.CellRows.of([(cache.tables[e.slot][:cache.blocks_for(e.past_len + e.n)], e.past_len, e.n,
                                         None if e.tree_mask is None else e.tree_mask.cpu()) for e in batch])
-        return AttentionPlan(row_block, row_off, None, None, False, rows=rows)
+        return AttentionPlan(row_block, row_off, None, None, False, rows=rows, kernel=cells)
     runs = [cache.runs(e.slot, e.past_len + e.n) for e in batch]
     if mode == "auto" and device.type == "cpu" and len(batch) > 1:
         groups = _segments(batch, runs, cache)
@@ -409,7 +413,7 @@ class LayerAttention:
         if plan.rows is not None:
             if window is not None or softcap is not None:
                 raise ValueError("the CPU kernel's attention has no sliding window or soft-capping")
-            return cpu_linear.attend(cpu_linear.kernel(), q, k_pool, v_pool, plan.rows,
+            return cpu_linear.attend(plan.kernel, q, k_pool, v_pool, plan.rows,
                                      scale if scale is not None else q.shape[-1] ** -0.5)
         return attention(q, k_pool, v_pool, self.batch, plan, self._biases(window, q.dtype), scale, softcap)
 
@@ -626,6 +630,12 @@ class Runner:
     def architecture(self) -> str:
         return self.config.model_type
 
+    @property
+    def cells_kernel(self) -> ctypes.CDLL | None:
+        """The library whose attention this runner's forwards use (auto with cell_attention set),
+        or None: SDPA as attention_mode plans it."""
+        return self.cell_attention if self.attention_mode == "auto" else None
+
     def new_cache(self, num_slots: int, max_len: int, memory: int | None = None) -> KVCache:
         """A paged cache for `num_slots` sequences of up to `max_len` tokens; memory: its budget in
         bytes (None: room for every slot's full context)."""
@@ -638,8 +648,7 @@ class Runner:
 
     def _layer_attention(self, batch: list[SeqBatchEntry], positions: torch.Tensor, cache: KVCache) -> LayerAttention:
         """This forward's attention, planned once for every layer."""
-        mode = "cells" if self.attention_mode == "auto" and self.cell_attention is not None else self.attention_mode
-        plan = plan_attention(batch, cache, self.device, mode)
+        plan = plan_attention(batch, cache, self.device, self.attention_mode, self.cells_kernel)
         self.attention_calls += plan.calls * self.config.num_layers
         return LayerAttention(cache, batch, plan, positions)
 

@@ -1,6 +1,9 @@
 """bench/draft_replay.py's cost-aware replay, on a made-up recording (no model)."""
 
+import json
 import random
+import re
+import sys
 
 import pytest
 
@@ -91,10 +94,6 @@ def test_estimates_that_fell_below_the_floor_rise_again():
 def test_the_command_line_replay_gates_drafts_by_the_engines_margin(tmp_path, monkeypatch, capsys):
     """`replay --cost` runs with the engine's draft margin unless told otherwise, and a margin a
     draft must clear makes the replay draft less (as --draft-margin makes the engine)."""
-    import json
-    import re
-    import sys
-
     from bench.draft_replay import main
 
     path = tmp_path / "recording.json"
