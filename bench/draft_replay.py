@@ -24,6 +24,8 @@ learning and realised loop (the prices stay at the calibration).
     python bench/draft_replay.py replay /tmp/replay.json --methods pld,logitspec
     python bench/draft_replay.py replay /tmp/replay.json --cost 1:34,4:42,8:49,16:66,32:97,64:163 \
         --methods pld,logitspec,logitspec --set recent=8
+    python bench/draft_replay.py replay /tmp/replay.json --cost 1:34,4:42,8:49,16:66,32:97,64:163 \
+        --fresh-statistics   # each category from a cold start, as a server just started
 """
 
 from __future__ import annotations
@@ -234,17 +236,25 @@ def replay(args) -> int:
         turns = [turn for group in groups for turn in group]
     elif args.order != "bench":
         raise SystemExit(f"--order: bench, reverse, shuffle:SEED or questions:SEED, not {args.order!r}")
+    if args.fresh_statistics:
+        if args.shared_index:
+            raise SystemExit("--fresh-statistics replays each category alone: it has no earlier sessions to share")
+        first = {c: i for i, c in reversed(list(enumerate(t["category"] for t in turns)))}
+        turns = sorted(turns, key=lambda t: first[t["category"]])  # stable: each category's turns in order
     methods = args.methods.split(",")
     options_label = ",".join(([args.set] if args.set else []) + (["shared index"] if args.shared_index else []))
     labels = methods[:-1] + [methods[-1] + (f"[{options_label}]" if options_label else "")]
     rows = defaultdict(dict)
     for j, (method, label) in enumerate(zip(methods, labels)):
         last = j == len(methods) - 1
-        run = Replay(method, args.capacity, calibration, options if last else {}, args.shared_index and last,
-                     args.margin)
+        run, category = None, None
         tally = defaultdict(lambda: [0, 0, 0, 0.0, 0.0])
         t0 = time.perf_counter()
         for turn in turns:
+            if run is None or (args.fresh_statistics and turn["category"] != category):
+                run = Replay(method, args.capacity, calibration, options if last else {},
+                             args.shared_index and last, args.margin)
+                category = turn["category"]
             done = run.turn(turn)
             for key in (turn["category"], "overall"):
                 tally[key] = [a + b for a, b in zip(tally[key], done)]
@@ -260,8 +270,12 @@ def replay(args) -> int:
     for key in [k for k in rows if k != "overall"] + ["overall"]:
         print(f"{key:<16}" + "".join(f"{rows[key][m]:>{width}.2f}" for m in labels))
     if "pld" in labels:
+        categories = [k for k in rows if k != "overall"]
         for m in labels:
-            print(f"{m} / pld overall: {rows['overall'][m] / rows['overall']['pld']:.3f}")
+            ratio = {k: rows[k][m] / rows[k]["pld"] for k in categories}
+            low = min(categories, key=ratio.get)
+            print(f"{m} / pld overall: {rows['overall'][m] / rows['overall']['pld']:.3f}, lowest {low} "
+                  f"{ratio[low]:.3f}, mean of categories {sum(ratio.values()) / len(ratio):.3f}")
     return 0
 
 
@@ -293,6 +307,9 @@ def main() -> int:
     rep.add_argument("--shared-index", action="store_true",
                      help="the last method's index also holds every earlier turn's prompt and answer (one "
                           "index across sessions); repeat a method to compare: --methods pld,pld --shared-index")
+    rep.add_argument("--fresh-statistics", action="store_true",
+                     help="replay each category alone from empty acceptance statistics, as a server just "
+                          "started would serve it (a cold start), instead of one run that learns throughout")
     args = ap.parse_args()
     return record(args) if args.command == "record" else replay(args)
 

@@ -107,3 +107,27 @@ def test_the_command_line_replay_gates_drafts_by_the_engines_margin(tmp_path, mo
         err = capsys.readouterr().err
         verified[margin] = float(re.search(r"([\d.]+) tokens verified a step", err).group(1))
     assert verified["1"] < verified[None] <= verified["0"]
+
+
+def test_fresh_statistics_replays_each_category_from_a_cold_start(tmp_path, monkeypatch, capsys):
+    """`replay --fresh-statistics` starts each category from empty statistics: a category replayed
+    after another reads as it does alone, where one learning run carries the first's statistics
+    into the second."""
+    from bench.draft_replay import main
+
+    turns = [dict(recording(seed), category=category) for seed, category in ((0, "a"), (1, "a"), (2, "b"))]
+    cost = ",".join(f"{n}:{1000 * s}" for n, s in CALIBRATION.items())
+
+    def replay(recorded, *flags):
+        path = tmp_path / "recording.json"
+        path.write_text(json.dumps({"max_new_tokens": 400, "turns": recorded}))
+        monkeypatch.setattr(sys, "argv", ["draft_replay.py", "replay", str(path), "--cost", cost,
+                                          "--methods", "pld,logitspec", *flags])
+        assert main() == 0
+        out = capsys.readouterr().out
+        assert "lowest" in out
+        return {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:] if len(line.split()) == 3}
+
+    alone = replay(turns[2:])
+    assert replay(turns, "--fresh-statistics")["b"] == alone["b"]
+    assert replay(turns)["b"] != alone["b"]
