@@ -239,8 +239,8 @@ def replay(args) -> int:
     if args.fresh_statistics:
         if args.shared_index:
             raise SystemExit("--fresh-statistics replays each category alone: it has no earlier sessions to share")
-        first = {c: i for i, c in reversed(list(enumerate(t["category"] for t in turns)))}
-        turns = sorted(turns, key=lambda t: first[t["category"]])  # stable: each category's turns in order
+        rank = {c: i for i, c in enumerate(dict.fromkeys(t["category"] for t in turns))}  # first appearance
+        turns = sorted(turns, key=lambda t: rank[t["category"]])  # stable: each category's turns in order
     methods = args.methods.split(",")
     options_label = ",".join(([args.set] if args.set else []) + (["shared index"] if args.shared_index else []))
     labels = methods[:-1] + [methods[-1] + (f"[{options_label}]" if options_label else "")]

@@ -10,6 +10,7 @@ import pytest
 from bench.draft_replay import Replay
 
 CALIBRATION = {1: 0.034, 4: 0.042, 8: 0.049, 16: 0.066, 32: 0.097, 64: 0.163}
+COST = ",".join(f"{n}:{1000 * s}" for n, s in CALIBRATION.items())  # the calibration as --cost takes it
 
 
 def recording(seed: int = 0) -> dict:
@@ -91,20 +92,26 @@ def test_estimates_that_fell_below_the_floor_rise_again():
     assert steps < 0.7 * tokens
 
 
-def test_the_command_line_replay_gates_drafts_by_the_engines_margin(tmp_path, monkeypatch, capsys):
-    """`replay --cost` runs with the engine's draft margin unless told otherwise, and a margin a
-    draft must clear makes the replay draft less (as --draft-margin makes the engine)."""
+def command_line_replay(tmp_path, monkeypatch, capsys, turns: list[dict], *flags: str) -> tuple[str, str]:
+    """`draft_replay.py replay --cost COST` of a recording of `turns`, with `flags`: its stdout and stderr."""
     from bench.draft_replay import main
 
     path = tmp_path / "recording.json"
-    path.write_text(json.dumps({"max_new_tokens": 400, "turns": [recording(seed) for seed in range(3)]}))
-    cost = ",".join(f"{n}:{1000 * s}" for n, s in CALIBRATION.items())
+    path.write_text(json.dumps({"max_new_tokens": 400, "turns": turns}))
+    monkeypatch.setattr(sys, "argv", ["draft_replay.py", "replay", str(path), "--cost", COST, *flags])
+    assert main() == 0
+    captured = capsys.readouterr()
+    return captured.out, captured.err
+
+
+def test_the_command_line_replay_gates_drafts_by_the_engines_margin(tmp_path, monkeypatch, capsys):
+    """`replay --cost` runs with the engine's draft margin unless told otherwise, and a margin a
+    draft must clear makes the replay draft less (as --draft-margin makes the engine)."""
+    turns = [recording(seed) for seed in range(3)]
     verified = {}
     for margin in (None, "0", "1"):
-        monkeypatch.setattr(sys, "argv", ["draft_replay.py", "replay", str(path), "--cost", cost, "--methods", "pld"]
-                            + (["--margin", margin] if margin is not None else []))
-        assert main() == 0
-        err = capsys.readouterr().err
+        _, err = command_line_replay(tmp_path, monkeypatch, capsys, turns, "--methods", "pld",
+                                     *(["--margin", margin] if margin is not None else []))
         verified[margin] = float(re.search(r"([\d.]+) tokens verified a step", err).group(1))
     assert verified["1"] < verified[None] <= verified["0"]
 
@@ -113,18 +120,10 @@ def test_fresh_statistics_replays_each_category_from_a_cold_start(tmp_path, monk
     """`replay --fresh-statistics` starts each category from empty statistics: a category replayed
     after another reads as it does alone, where one learning run carries the first's statistics
     into the second."""
-    from bench.draft_replay import main
-
     turns = [dict(recording(seed), category=category) for seed, category in ((0, "a"), (1, "a"), (2, "b"))]
-    cost = ",".join(f"{n}:{1000 * s}" for n, s in CALIBRATION.items())
 
     def replay(recorded, *flags):
-        path = tmp_path / "recording.json"
-        path.write_text(json.dumps({"max_new_tokens": 400, "turns": recorded}))
-        monkeypatch.setattr(sys, "argv", ["draft_replay.py", "replay", str(path), "--cost", cost,
-                                          "--methods", "pld,logitspec", *flags])
-        assert main() == 0
-        out = capsys.readouterr().out
+        out, _ = command_line_replay(tmp_path, monkeypatch, capsys, recorded, "--methods", "pld,logitspec", *flags)
         assert "lowest" in out
         return {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:] if len(line.split()) == 3}
 
