@@ -237,13 +237,23 @@ def test_queue_full_429_with_retry_after():
     small = ServerProcess("--max-context", "1024", "--max-running", "1", "--max-queue", "1")
     try:
         async def main():
-            body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 200,
+            # 900 tokens: ~3 s even where speculation runs at ~300 tok/s (200 tokens took 0.8 s, and
+            # fixed sleeps of 1.0 + 0.5 s let the first answer end before the third was sent)
+            body = {"messages": [{"role": "user", "content": "Tell a long story."}], "max_tokens": 900,
                     "temperature": 0}
+
+            async def until(**counts):  # the scheduler's counts (/health) reach these
+                while True:
+                    health = (await http.get("/health")).json()
+                    if all(health[k] == v for k, v in counts.items()):
+                        return
+                    await asyncio.sleep(0.02)
+
             async with httpx.AsyncClient(base_url=small.url, timeout=300) as http:
                 first = asyncio.create_task(http.post("/v1/chat/completions", json=body))
-                await asyncio.sleep(1.0)  # running
+                await asyncio.wait_for(until(running=1), 60)
                 second = asyncio.create_task(http.post("/v1/chat/completions", json=body))
-                await asyncio.sleep(0.5)  # waiting
+                await asyncio.wait_for(until(running=1, waiting=1), 60)
                 third = await http.post("/v1/chat/completions", json=body)
                 return third, await first, await second
 
