@@ -448,7 +448,10 @@ def create_app(engine: Engine, settings: ServerSettings) -> FastAPI:
         deadline = started + grace
         busy = access.in_flight
         log.info("shutting down: draining %d requests (grace %.1f s)", busy, grace)
-        while (not scheduler.idle or open_streams) and time.monotonic() < deadline:
+        # until the requests it reports are out of the app too: a stream's last event is sent (the
+        # scheduler idle, no stream open) a moment before its request leaves, and a drain that
+        # stopped in that moment reported a finished request as still running
+        while (not scheduler.idle or open_streams or access.in_flight) and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
         if not scheduler.idle:
             log.warning("shutdown grace of %.1f s over: failing %s", grace, scheduler.counts)
