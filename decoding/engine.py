@@ -22,11 +22,12 @@ import time
 import traceback
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
-from decoding import calibration_cache, cpu_linear
+from decoding import calibration_cache, cpu_linear, statistics_cache
 from decoding.config import METHODS, EngineConfig, parse_size
 from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes
 from decoding.drafters import Drafter, Echo, make_drafter, top_wanted
@@ -323,6 +324,10 @@ class Engine:
         self.drafters: dict[str, Drafter] = {m: make_drafter(m) for m in METHODS}
         self.drafter = self.drafters[config.method]
         self.stats = AcceptanceStats()
+        self._statistics_key = statistics_cache.statistics_key(self.loaded) if config.persist_statistics else None
+        self._statistics_saved = time.monotonic()
+        if self._statistics_key is not None:
+            self._restore_statistics()
         self.times = StepTimes()
         self._forwards = 0  # verification forwards run, to tell a clean step from a retried one
         self._steps_run = 0
@@ -400,6 +405,33 @@ class Engine:
         log("forward cost vs tree size: " + ", ".join(
             f"{n}:{1000 * s:.0f}ms" for n, s in seconds.items() if n in (1, 4, 8, 16, 32, 64)) + f" ({source})")
         return CostModel(seconds, max_tokens, self.config.max_batch, margin=self.config.draft_margin)
+
+    def _restore_statistics(self) -> None:
+        """The acceptance statistics an earlier process saved for this model, if any."""
+        path = statistics_cache.entry_path(self._statistics_key)
+        found = statistics_cache.load(self._statistics_key)
+        if found is None:
+            log(f"acceptance statistics: none saved for this model in {path.parent}; starting from the prior")
+            return
+        state, saved_at = found
+        try:
+            kinds = self.stats.restore(state)
+        except ValueError as e:
+            log(f"acceptance statistics in {path} not used ({e}); starting from the prior")
+            return
+        log(f"acceptance statistics: {kinds} node kinds from {path} (saved {saved_at})")
+
+    def save_statistics(self, force: bool = True) -> Path | None:
+        """Save the acceptance statistics for the next process (persist_statistics): now, or with
+        force=False only when the last save is SAVE_EVERY seconds old. The path written, or None
+        (not persisting, not due, or the cache folder not writable)."""
+        if self._statistics_key is None:
+            return None
+        now = time.monotonic()
+        if not force and now - self._statistics_saved < statistics_cache.SAVE_EVERY:
+            return None
+        self._statistics_saved = now
+        return statistics_cache.save(self._statistics_key, self.stats.state())
 
     def _time_forwards(self, sizes: list[int], past: int, rounds: int) -> dict[int, float]:
         """Median seconds of a forward of n tokens after `past` tokens of context, for each size."""
@@ -536,6 +568,7 @@ class Engine:
                 scrub = seq.finish_reason not in ("stop", "length")
             self.cache.release(seq.slot, scrub=scrub)
             seq.slot = -1
+        self.save_statistics(force=False)
 
     def _publish(self, seq: Sequence) -> None:
         """Offer the sequence's newly completed blocks to the prefix cache."""

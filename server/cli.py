@@ -93,7 +93,8 @@ def _config(args, method: str, max_batch: int = ENGINE["max_batch"]) -> EngineCo
                         max_context=args.max_context, sampler=args.sampler, draft_margin=args.draft_margin,
                         max_batch=max_batch, calibration_rounds=args.calibration_rounds,
                         recalibrate=args.recalibrate, attention=args.attention, compile=args.compile,
-                        kv_memory=args.kv_memory, prefix_caching=args.prefix_caching)
+                        kv_memory=args.kv_memory, prefix_caching=args.prefix_caching,
+                        persist_statistics=getattr(args, "persist_statistics", ENGINE["persist_statistics"]))
 
 
 def _settings(args) -> ServerSettings:
@@ -251,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="longest stop string (characters)")
     s.add_argument("--shutdown-grace", type=float, default=server["shutdown_grace"],
                    help="after SIGTERM: seconds running requests get to finish (new ones get 503)")
+    s.add_argument("--no-persist-statistics", action="store_false", dest="persist_statistics", default=True,
+                   help="start from empty acceptance statistics instead of those the last server on this "
+                        "model saved (in $LOGITSPEC_CACHE/statistics), and save none")
     _engine_args(s)
     s.set_defaults(func=cmd_serve)
     return parser

@@ -228,6 +228,10 @@ class Scheduler:
                 self._running.clear()
         for req in list(self._waiting) + self._prefilling + self._running:
             self._fail(req, "the server is shutting down", 503)
+        try:  # on this thread: no step is changing them while they are written
+            self.engine.save_statistics()
+        except Exception:
+            log.exception("saving the acceptance statistics failed")
 
     def _iterate(self) -> None:
         if self._prefilling:

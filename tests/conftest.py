@@ -18,6 +18,10 @@ from decoding.loader import LoadedModel  # noqa: E402
 # earlier run, perhaps on a busy machine, would make tree sizes depend on that run.
 os.environ["LOGITSPEC_CALIBRATION_CACHE"] = tempfile.mkdtemp(prefix="logitspec-test-calibration-")
 atexit.register(shutil.rmtree, os.environ["LOGITSPEC_CALIBRATION_CACHE"], True)
+# Likewise the acceptance statistics servers save (decoding/statistics_cache.py): a server started
+# by one test would otherwise start from what another test's traffic taught an earlier one.
+os.environ["LOGITSPEC_STATISTICS_CACHE"] = tempfile.mkdtemp(prefix="logitspec-test-statistics-")
+atexit.register(shutil.rmtree, os.environ["LOGITSPEC_STATISTICS_CACHE"], True)
 
 # Tests of our C kernel (decoding/cpu_linear.py): it is built only on x86 with AVX2 and a compiler.
 HAS_AVX2 = torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")

@@ -43,7 +43,9 @@ def test_every_option_has_help_and_shows_its_default(name):
 def test_serve_defaults_are_the_dataclasses_defaults(monkeypatch):
     monkeypatch.delenv("LOGITSPEC_API_KEYS", raising=False)
     args = build_parser().parse_args(["serve"])
-    assert _config(args, args.method, max_batch=args.max_running) == EngineConfig(max_batch=args.max_running)
+    # a server keeps its acceptance statistics across restarts (decoding/statistics_cache.py)
+    assert _config(args, args.method, max_batch=args.max_running) == EngineConfig(max_batch=args.max_running,
+                                                                                  persist_statistics=True)
     assert _settings(args) == ServerSettings(model_name="default")
 
 

@@ -1,0 +1,66 @@
+"""Acceptance statistics kept per model, so that a restarted server starts from what it had learned.
+
+The statistics (`AcceptanceStats`: how often a draft node of each kind was accepted) price every
+node the cost model considers. A process that starts with none prices every kind at the prior:
+for its first few hundred steps it drafts nodes that do not pay and cuts streaks that would,
+and in a replay of Spec-Bench's categories, each started from empty statistics, LogitSpec ran
+4-7% slower than from what the other categories had taught it, PLD 1-5% (bench/draft_replay.py
+--restart-statistics, docs/replay_cost_aware.txt section 13; the real engine:
+bench/restart_statistics.py). A server started with
+`persist_statistics` (the default of `logitspec serve`) reads them from `<cache>/statistics/`
+at start, and writes them there at most every SAVE_EVERY seconds as requests end, and when it
+stops.
+
+What a kind's acceptance depends on is the model and the drafters' kinds, so that is the key:
+the model's identity (as the calibration cache keys it) and FORMAT. Not the machine: a kind's
+acceptance is a property of the text the model writes, not of how fast it runs. The file holds
+counts per kind and nothing of any request's text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+from decoding.calibration_cache import model_identity, write_json
+from decoding.loader import LoadedModel, cache_root
+
+FORMAT = 1  # bump when node kinds change (a drafter's details, their buckets), so older files are ignored
+SAVE_EVERY = 60.0  # seconds between writes while serving; a crash loses at most this much learning
+
+
+def statistics_key(loaded: LoadedModel) -> dict:
+    return {"format": FORMAT, "model": model_identity(loaded)}
+
+
+def folder() -> Path:
+    """LOGITSPEC_STATISTICS_CACHE, else `statistics` in the cache root (LOGITSPEC_CACHE)."""
+    own = os.environ.get("LOGITSPEC_STATISTICS_CACHE")
+    return Path(own) if own else cache_root() / "statistics"
+
+
+def entry_path(key: dict) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return folder() / f"{key['model']['name']}-{digest}.json"
+
+
+def load(key: dict) -> tuple[dict, str] | None:
+    """The saved statistics (AcceptanceStats.state) and when they were saved, or None when there
+    is no entry for this key (missing, unreadable, or of another model or format)."""
+    try:
+        entry = json.loads(entry_path(key).read_text())
+        if entry["key"] != key:
+            return None
+        return entry["statistics"], str(entry["saved_at"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save(key: dict, state: dict) -> Path | None:
+    """Write the entry atomically; None when the cache folder is not writable (serving goes on)."""
+    path = entry_path(key)
+    entry = {"key": key, "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "statistics": state}
+    return path if write_json(path, entry) else None
