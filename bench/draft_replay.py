@@ -26,6 +26,8 @@ learning and realised loop (the prices stay at the calibration).
         --methods pld,logitspec,logitspec --set recent=8
     python bench/draft_replay.py replay /tmp/replay.json --cost 1:34,4:42,8:49,16:66,32:97,64:163 \
         --fresh-statistics   # each category from a cold start, as a server just started
+    python bench/draft_replay.py replay /tmp/replay.json --cost 1:34,4:42,8:49,16:66,32:97,64:163 \
+        --restart-statistics   # each category after a restart, from the statistics the others taught
 """
 
 from __future__ import annotations
@@ -236,9 +238,13 @@ def replay(args) -> int:
         turns = [turn for group in groups for turn in group]
     elif args.order != "bench":
         raise SystemExit(f"--order: bench, reverse, shuffle:SEED or questions:SEED, not {args.order!r}")
-    if args.fresh_statistics:
+    per_category = args.fresh_statistics or args.restart_statistics
+    if args.fresh_statistics and args.restart_statistics:
+        raise SystemExit("--fresh-statistics or --restart-statistics: a category starts from one or the other")
+    if per_category:
         if args.shared_index:
-            raise SystemExit("--fresh-statistics replays each category alone: it has no earlier sessions to share")
+            raise SystemExit("--fresh-statistics and --restart-statistics replay each category alone: "
+                             "there are no earlier sessions to share")
         rank = {c: i for i, c in enumerate(dict.fromkeys(t["category"] for t in turns))}  # first appearance
         turns = sorted(turns, key=lambda t: rank[t["category"]])  # stable: each category's turns in order
     methods = args.methods.split(",")
@@ -251,10 +257,18 @@ def replay(args) -> int:
         tally = defaultdict(lambda: [0, 0, 0, 0.0, 0.0])
         t0 = time.perf_counter()
         for turn in turns:
-            if run is None or (args.fresh_statistics and turn["category"] != category):
+            if run is None or (per_category and turn["category"] != category):
                 run = Replay(method, args.capacity, calibration, options if last else {},
                              args.shared_index and last, args.margin)
                 category = turn["category"]
+                if args.restart_statistics:
+                    # what a server that served the other categories saved, read back by a new one
+                    # (decoding/statistics_cache.py): the statistics through their file format
+                    earlier = Replay(method, args.capacity, calibration, options if last else {}, False, args.margin)
+                    for other in turns:
+                        if other["category"] != category:
+                            earlier.turn(other)
+                    run.stats.restore(json.loads(json.dumps(earlier.stats.state())))
             done = run.turn(turn)
             for key in (turn["category"], "overall"):
                 tally[key] = [a + b for a, b in zip(tally[key], done)]
@@ -310,6 +324,9 @@ def main() -> int:
     rep.add_argument("--fresh-statistics", action="store_true",
                      help="replay each category alone from empty acceptance statistics, as a server just "
                           "started would serve it (a cold start), instead of one run that learns throughout")
+    rep.add_argument("--restart-statistics", action="store_true",
+                     help="replay each category alone from the acceptance statistics that the other "
+                          "categories' turns taught, as a restarted server that kept them would serve it")
     args = ap.parse_args()
     return record(args) if args.command == "record" else replay(args)
 

@@ -130,3 +130,20 @@ def test_fresh_statistics_replays_each_category_from_a_cold_start(tmp_path, monk
     alone = replay(turns[2:])
     assert replay(turns, "--fresh-statistics")["b"] == alone["b"]
     assert replay(turns)["b"] != alone["b"]
+
+
+def test_restart_statistics_starts_each_category_from_what_the_others_taught(tmp_path, monkeypatch, capsys):
+    """`replay --restart-statistics` starts each category from the statistics the other categories'
+    turns taught (a restarted server that kept them): a category alone has nothing to learn from
+    and reads as from a cold start, never from its own turns; with another category before or
+    after it, it reads otherwise, and the same whichever came first."""
+    turns = [dict(recording(seed), category=category) for seed, category in ((0, "a"), (1, "a"), (2, "b"))]
+
+    def replay(recorded, *flags):
+        out, _ = command_line_replay(tmp_path, monkeypatch, capsys, recorded, "--methods", "pld,logitspec", *flags)
+        return {line.split()[0]: line.split()[1:] for line in out.splitlines()[2:] if len(line.split()) == 3}
+
+    restarted = replay(turns, "--restart-statistics")
+    assert replay(turns[2:], "--restart-statistics")["b"] == replay(turns[2:], "--fresh-statistics")["b"]
+    assert restarted["b"] != replay(turns, "--fresh-statistics")["b"]
+    assert replay(turns[2:] + turns[:2], "--restart-statistics")["b"] == restarted["b"]
