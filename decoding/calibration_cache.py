@@ -64,15 +64,25 @@ def calibration_key(loaded: LoadedModel, device: torch.device, dtype: torch.dtyp
     }
 
 
+def cache_folder(variable: str, name: str) -> Path:
+    """The folder the environment variable names, else `name` in the cache root (LOGITSPEC_CACHE)."""
+    own = os.environ.get(variable)
+    return Path(own) if own else cache_root() / name
+
+
+def keyed_path(folder: Path, key: dict) -> Path:
+    """An entry's file in `folder`: the model's name and a digest of the whole key."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+    return folder / f"{key['model']['name']}-{digest}.json"
+
+
 def folder() -> Path:
     """LOGITSPEC_CALIBRATION_CACHE, else `calibration` in the cache root (LOGITSPEC_CACHE)."""
-    own = os.environ.get("LOGITSPEC_CALIBRATION_CACHE")
-    return Path(own) if own else cache_root() / "calibration"
+    return cache_folder("LOGITSPEC_CALIBRATION_CACHE", "calibration")
 
 
 def entry_path(key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return folder() / f"{key['model']['name']}-{digest}.json"
+    return keyed_path(folder(), key)
 
 
 def load(key: dict, min_rounds: int) -> tuple[dict[int, float], dict] | None:

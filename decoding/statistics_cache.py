@@ -19,14 +19,12 @@ counts per kind and nothing of any request's text.
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
-from decoding.calibration_cache import model_identity, write_json
-from decoding.loader import LoadedModel, cache_root
+from decoding.calibration_cache import cache_folder, keyed_path, model_identity, write_json
+from decoding.loader import LoadedModel
 
 FORMAT = 1  # bump when node kinds change (a drafter's details, their buckets), so older files are ignored
 SAVE_EVERY = 60.0  # seconds between writes while serving; a crash loses at most this much learning
@@ -38,13 +36,11 @@ def statistics_key(loaded: LoadedModel) -> dict:
 
 def folder() -> Path:
     """LOGITSPEC_STATISTICS_CACHE, else `statistics` in the cache root (LOGITSPEC_CACHE)."""
-    own = os.environ.get("LOGITSPEC_STATISTICS_CACHE")
-    return Path(own) if own else cache_root() / "statistics"
+    return cache_folder("LOGITSPEC_STATISTICS_CACHE", "statistics")
 
 
 def entry_path(key: dict) -> Path:
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
-    return folder() / f"{key['model']['name']}-{digest}.json"
+    return keyed_path(folder(), key)
 
 
 def load(key: dict) -> tuple[dict, str] | None:
