@@ -31,29 +31,21 @@ sys.path.insert(0, str(ROOT))
 from decoding.config import EngineConfig  # noqa: E402
 from decoding.engine import Engine, freeze_start_up_heap  # noqa: E402
 from decoding.loader import load  # noqa: E402
-from decoding.specbench import DEFAULT_DATA, read_questions, run_turn, turn_order  # noqa: E402
+from decoding.specbench import DEFAULT_DATA, conversation, read_questions  # noqa: E402
 
 METHODS = ("pld", "logitspec")
 
 
 def answer(engines: dict[str, Engine], question: dict, turns_done: int, max_new_tokens: int,
            tally: dict[str, list[float]] | None = None) -> int:
-    """One question, every engine side by side (multi-turn: each its own history); into tally:
-    [tokens, seconds] per engine. Returns turns_done plus this question's turns."""
-    histories = {name: [] for name in engines}
-    for text in question["turns"]:
-        prompts = {}
-        for name, engine in engines.items():
-            histories[name].append({"role": "user", "content": text})
-            prompts[name] = engine.chat_prompt(histories[name])
-        seqs, spent = run_turn(engines, prompts, turn_order(list(engines), turns_done), max_new_tokens)
-        outputs = {tuple(seq.output) for seq in seqs.values()}
-        if len(outputs) != 1:
+    """One question, every engine side by side; into tally: [tokens, seconds] per engine. Returns
+    turns_done plus this question's turns."""
+    for seqs, spent in conversation(engines, question, turns_done, max_new_tokens):
+        if len({tuple(seq.output) for seq in seqs.values()}) != 1:
             raise SystemExit(f"outputs differ between engines on question {question.get('question_id')}: "
                              "speculation must not change greedy output")
-        for name, seq in seqs.items():
-            histories[name].append({"role": "assistant", "content": engines[name].tokenizer.decode(seq.output)})
-            if tally is not None:
+        if tally is not None:
+            for name, seq in seqs.items():
                 tally[name][0] += len(seq.output)
                 tally[name][1] += spent[name]
         turns_done += 1

@@ -17,6 +17,7 @@ import json
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -142,6 +143,23 @@ def run_turn(engines: dict[str, Engine], prompts: dict[str, list[int]], order: l
     return seqs, spent
 
 
+def conversation(engines: dict[str, Engine], question: dict, first_turn: int,
+                 max_new_tokens: int) -> Iterator[tuple[dict, dict[str, float]]]:
+    """A question's turns, every engine side by side (run_turn), each engine holding its own
+    answers in its history; `first_turn`: the bench's count of turns before this question (for
+    turn_order). Yields what run_turn returns, turn by turn."""
+    histories = {name: [] for name in engines}
+    for i, text in enumerate(question["turns"]):
+        prompts = {}
+        for name, engine in engines.items():
+            histories[name].append({"role": "user", "content": text})
+            prompts[name] = engine.chat_prompt(histories[name])
+        seqs, spent = run_turn(engines, prompts, turn_order(list(engines), first_turn + i), max_new_tokens)
+        for name, seq in seqs.items():
+            histories[name].append({"role": "assistant", "content": engines[name].tokenizer.decode(seq.output)})
+        yield seqs, spent
+
+
 def run_bench(data: Path, methods: list[str], per_category: int | None, max_new_tokens: int,
               base: EngineConfig, progress=sys.stderr) -> BenchResult:
     questions = read_questions(data, per_category)
@@ -157,16 +175,9 @@ def run_bench(data: Path, methods: list[str], per_category: int | None, max_new_
     total_turns = sum(len(q["turns"]) for q in questions)
     done, t_start = 0, time.perf_counter()
     for q in questions:
-        histories = {m: [] for m in methods}
-        for turn in q["turns"]:
-            prompts = {}
-            for m in methods:
-                histories[m].append({"role": "user", "content": turn})
-                prompts[m] = engines[m].chat_prompt(histories[m])
-            seqs, spent = run_turn(engines, prompts, turn_order(methods, done), max_new_tokens)
+        for seqs, spent in conversation(engines, q, done, max_new_tokens):
             for m in methods:
                 output = seqs[m].output
-                histories[m].append({"role": "assistant", "content": engines[m].tokenizer.decode(output)})
                 for tally in result.overall[m], result.categories[q["category"]][m]:
                     tally.add(len(output), seqs[m].steps, spent[m])
                 if m != "ar" and "ar" in methods and output != seqs["ar"].output:
