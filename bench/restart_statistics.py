@@ -11,8 +11,13 @@ before this change) and restarted (the teacher's statistics, read back through t
 format). Every category gets four new engines: each starts as a server does, with a fresh cost
 model (from the cached calibration) and, cold, with nothing learned.
 
+With `--start-from prior` there are no teachers: the second engine of each method starts from
+the prior shipped for the model (decoding/priors/, what a first start or a fresh replica reads
+when nothing was saved), learned from questions that are not Spec-Bench's (bench/make_prior.py).
+
     python bench/restart_statistics.py --per-category 3 --teach 3 --max-new-tokens 256
     python bench/restart_statistics.py --categories math_reasoning,qa --rounds 3
+    python bench/restart_statistics.py --per-category 3 --max-new-tokens 256 --start-from prior
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from decoding import statistics_cache  # noqa: E402
 from decoding.config import EngineConfig  # noqa: E402
 from decoding.engine import Engine, freeze_start_up_heap  # noqa: E402
 from decoding.loader import load  # noqa: E402
@@ -61,7 +67,11 @@ def main() -> int:
     ap.add_argument("--categories", default="", help="comma-separated (default: every category)")
     ap.add_argument("--rounds", type=int, default=1, help="times each category is measured (new engines each time)")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
+    ap.add_argument("--start-from", choices=("teachers", "prior"), default="teachers",
+                    help="the warm engines' statistics: what teachers learned on held-out questions, or the "
+                         "prior shipped for the model")
     args = ap.parse_args()
+    warm = "restarted" if args.start_from == "teachers" else "prior"
 
     questions = read_questions(Path(args.data), args.per_category + args.teach)
     seen: dict[str, int] = defaultdict(int)
@@ -74,7 +84,9 @@ def main() -> int:
         if c not in measured:
             raise SystemExit(f"no category {c!r} in {args.data}")
 
-    base = EngineConfig(max_context=4096)
+    # Every engine starts from no statistics (not the prior shipped for the model): a cold start is
+    # what is measured against a restart.
+    base = EngineConfig(max_context=4096, prior_statistics=False)
     loaded = load(base.model)
     model = None
 
@@ -85,27 +97,35 @@ def main() -> int:
         return engine
 
     t0 = time.perf_counter()
-    teachers = {m: start(m) for m in METHODS}
-    freeze_start_up_heap()
-    turns = 0
-    for i, q in enumerate(held_out, 1):
-        turns = answer(teachers, q, turns, args.max_new_tokens)
-        print(f"\r[restart] teaching: {i}/{len(held_out)} held-out questions, {time.perf_counter() - t0:.0f}s",
-              end="", file=sys.stderr, flush=True)
-    print(file=sys.stderr)
-    saved = {m: json.dumps(teachers[m].stats.state()) for m in METHODS}  # as the cache file holds them
-    print(f"[restart] teachers' statistics: " + ", ".join(f"{m} {len(teachers[m].stats.kinds)} kinds" for m in METHODS),
-          file=sys.stderr)
-    del teachers
+    if args.start_from == "prior":
+        prior = statistics_cache.load_prior(loaded)
+        if prior is None:
+            raise SystemExit(f"no prior shipped for {loaded.name} (bench/make_prior.py writes one)")
+        saved = {m: json.dumps(prior) for m in METHODS}
+        freeze_start_up_heap()
+        turns = 0
+    else:
+        teachers = {m: start(m) for m in METHODS}
+        freeze_start_up_heap()
+        turns = 0
+        for i, q in enumerate(held_out, 1):
+            turns = answer(teachers, q, turns, args.max_new_tokens)
+            print(f"\r[restart] teaching: {i}/{len(held_out)} held-out questions, {time.perf_counter() - t0:.0f}s",
+                  end="", file=sys.stderr, flush=True)
+        print(file=sys.stderr)
+        saved = {m: json.dumps(teachers[m].stats.state()) for m in METHODS}  # as the cache file holds them
+        print(f"[restart] teachers' statistics: " + ", ".join(f"{m} {len(teachers[m].stats.kinds)} kinds" for m in METHODS),
+              file=sys.stderr)
+        del teachers
 
-    names = [f"{m} {state}" for state in ("cold", "restarted") for m in METHODS]
+    names = [f"{m} {state}" for state in ("cold", warm) for m in METHODS]
     rows: dict[str, dict[str, list[float]]] = {}
     for c in categories:
         tally: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
         for _ in range(args.rounds):
             engines = {name: start(name.split()[0]) for name in names}
             for m in METHODS:
-                engines[f"{m} restarted"].stats.restore(json.loads(saved[m]))
+                engines[f"{m} {warm}"].stats.restore(json.loads(saved[m]))
             for q in measured[c]:
                 turns = answer(engines, q, turns, args.max_new_tokens, tally)
         rows[c] = dict(tally)
@@ -118,22 +138,23 @@ def main() -> int:
 
     width = 20
     print(f"tok/s, {args.per_category} questions per category, {args.max_new_tokens} new tokens, greedy; "
-          f"teachers: {args.teach} held-out questions per category; {args.rounds} round(s)")
+          + (f"teachers: {args.teach} held-out questions per category" if args.start_from == "teachers" else
+             "warm: the prior shipped for the model") + f"; {args.rounds} round(s)")
     print(f"{'category':<16}" + "".join(f"{n:>{width}}" for n in names)
-          + f"{'ls/pld cold':>14}{'ls/pld restarted':>18}{'ls restarted/cold':>19}")
+          + f"{'ls/pld cold':>14}{'ls/pld ' + warm:>18}{'ls ' + warm + '/cold':>19}")
     ratios = defaultdict(dict)
     for key in categories + ["overall"]:
         keys = categories if key == "overall" else [key]
         s = {n: speed(keys, n) for n in names}
         ratios[key] = {"cold": s["logitspec cold"] / s["pld cold"],
-                       "restarted": s["logitspec restarted"] / s["pld restarted"],
-                       "logitspec gain": s["logitspec restarted"] / s["logitspec cold"],
-                       "pld gain": s["pld restarted"] / s["pld cold"], "tok/s": s}
+                       warm: s[f"logitspec {warm}"] / s[f"pld {warm}"],
+                       "logitspec gain": s[f"logitspec {warm}"] / s["logitspec cold"],
+                       "pld gain": s[f"pld {warm}"] / s["pld cold"], "tok/s": s}
         print(f"{key:<16}" + "".join(f"{s[n]:>{width}.1f}" for n in names)
-              + f"{ratios[key]['cold']:>13.3f}x{ratios[key]['restarted']:>17.3f}x{ratios[key]['logitspec gain']:>18.3f}x")
-    low = {state: min(categories, key=lambda k: ratios[k][state]) for state in ("cold", "restarted")}
+              + f"{ratios[key]['cold']:>13.3f}x{ratios[key][warm]:>17.3f}x{ratios[key]['logitspec gain']:>18.3f}x")
+    low = {state: min(categories, key=lambda k: ratios[k][state]) for state in ("cold", warm)}
     print("lowest logitspec / pld: " + ", ".join(f"{state} {low[state]} {ratios[low[state]][state]:.3f}x"
-                                               for state in ("cold", "restarted")))
+                                               for state in ("cold", warm)))
     if args.json:
         Path(args.json).write_text(json.dumps(ratios, indent=1))
     return 0

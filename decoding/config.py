@@ -65,6 +65,9 @@ class EngineConfig:
     # them as requests end and at shutdown (decoding/statistics_cache.py). Off here, so that a
     # benchmark measures a fresh start; `logitspec serve` turns it on.
     persist_statistics: bool = False
+    # Where nothing saved is read (above), start from the statistics shipped for this model, if
+    # any (decoding/priors/; statistics_cache.load_prior) instead of from none.
+    prior_statistics: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:

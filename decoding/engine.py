@@ -326,8 +326,8 @@ class Engine:
         self.stats = AcceptanceStats()
         self._statistics_key = statistics_cache.statistics_key(self.loaded) if config.persist_statistics else None
         self._statistics_saved = time.monotonic()
-        if self._statistics_key is not None:
-            self._restore_statistics()
+        if not (self._statistics_key is not None and self._restore_statistics()) and config.prior_statistics:
+            self._restore_prior()
         self.times = StepTimes()
         self._forwards = 0  # verification forwards run, to tell a clean step from a retried one
         self._steps_run = 0
@@ -406,20 +406,34 @@ class Engine:
             f"{n}:{1000 * s:.0f}ms" for n, s in seconds.items() if n in (1, 4, 8, 16, 32, 64)) + f" ({source})")
         return CostModel(seconds, max_tokens, self.config.max_batch, margin=self.config.draft_margin)
 
-    def _restore_statistics(self) -> None:
-        """The acceptance statistics an earlier process saved for this model, if any."""
+    def _restore_statistics(self) -> bool:
+        """The acceptance statistics an earlier process saved for this model, if any: whether
+        they were taken."""
         path = statistics_cache.entry_path(self._statistics_key)
         found = statistics_cache.load(self._statistics_key)
         if found is None:
-            log(f"acceptance statistics: none saved for this model in {path.parent}; starting from the prior")
-            return
+            log(f"acceptance statistics: none saved for this model in {path.parent}")
+            return False
         state, saved_at = found
         try:
             kinds = self.stats.restore(state)
         except ValueError as e:
-            log(f"acceptance statistics in {path} not used ({e}); starting from the prior")
-            return
+            log(f"acceptance statistics in {path} not used ({e})")
+            return False
         log(f"acceptance statistics: {kinds} node kinds from {path} (saved {saved_at})")
+        return True
+
+    def _restore_prior(self) -> None:
+        """The statistics shipped for this model (statistics_cache.load_prior), if there are."""
+        state = statistics_cache.load_prior(self.loaded)
+        if state is None:
+            return
+        try:
+            kinds = self.stats.restore(state)
+        except ValueError as e:
+            log(f"acceptance statistics: the prior {statistics_cache.prior_path(self.loaded)} not used ({e})")
+            return
+        log(f"acceptance statistics: {kinds} node kinds from the prior shipped for this model")
 
     def save_statistics(self, force: bool = True) -> Path | None:
         """Save the acceptance statistics for the next process (persist_statistics): now, or with

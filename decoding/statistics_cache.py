@@ -15,6 +15,12 @@ What a kind's acceptance depends on is the model and the drafters' kinds, so tha
 the model's identity (as the calibration cache keys it) and FORMAT. Not the machine: a kind's
 acceptance is a property of the text the model writes, not of how fast it runs. The file holds
 counts per kind and nothing of any request's text.
+
+A process with nothing saved (a first start, a fresh replica or container, `generate`, `bench`)
+starts from a prior shipped for the model when there is one (`priors/`, `prior_statistics`):
+the statistics the engine learned answering bench/prior_prompts.jsonl, questions written for it
+and not Spec-Bench's (bench/make_prior.py writes it). Its key names the model by what survives a
+copy to another machine (name, size, architecture), not by where it lies.
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ from pathlib import Path
 from decoding.calibration_cache import cache_folder, keyed_path, model_identity, write_json
 from decoding.loader import LoadedModel
 
+PRIORS = Path(__file__).resolve().parent / "priors"  # shipped priors (package data), one file per model
 FORMAT = 1  # bump when node kinds change (a drafter's details, their buckets), so older files are ignored
 SAVE_EVERY = 60.0  # seconds between writes while serving; a crash loses at most this much learning
 
@@ -60,3 +67,40 @@ def save(key: dict, state: dict) -> Path | None:
     path = entry_path(key)
     entry = {"key": key, "saved_at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "statistics": state}
     return path if write_json(path, entry) else None
+
+
+def prior_key(loaded: LoadedModel) -> dict:
+    """The model as a shipped prior names it: its file name, the bytes of its weights (the .gguf
+    file, else the folder's safetensors), its architecture and shape."""
+    files = [loaded.gguf] if loaded.gguf is not None else sorted(loaded.folder.glob("*.safetensors"))
+    config = loaded.hf_config
+    return {"format": FORMAT, "name": loaded.name, "bytes": sum(f.stat().st_size for f in files),
+            "architecture": config.get("model_type"), "layers": config.get("num_hidden_layers"),
+            "hidden": config.get("hidden_size"), "vocab": config.get("vocab_size")}
+
+
+def prior_path(loaded: LoadedModel) -> Path:
+    return PRIORS / f"{loaded.name}.json"
+
+
+def load_prior(loaded: LoadedModel) -> dict | None:
+    """The shipped prior for this model (AcceptanceStats.state), or None: no file for its name,
+    or one whose key does not match (another model of that name, or an older FORMAT)."""
+    try:
+        entry = json.loads(prior_path(loaded).read_text())
+        return entry["statistics"] if entry["key"] == prior_key(loaded) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def write_prior(loaded: LoadedModel, state: dict, source: str, path: Path | None = None) -> Path:
+    """Write a prior for this model (bench/make_prior.py): to `path`, by default where load_prior
+    reads it. A kind a line, counts to 4 decimals (rounding keeps accepted <= offered)."""
+    path = path or prior_path(loaded)
+    kinds = [[*k[:4], round(k[4], 4), round(k[5], 4)] for k in state["kinds"]]
+    kinds.sort(key=lambda k: (k[0], k[2], k[3], k[1]))
+    lines = ",\n".join("  " + json.dumps(k) for k in kinds)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'{{"key": {json.dumps(prior_key(loaded))},\n "source": {json.dumps(source)},\n'
+                    f' "statistics": {{"kinds": [\n{lines}\n ]}}}}\n')
+    return path

@@ -85,6 +85,10 @@ def _engine_args(p: argparse.ArgumentParser, calibration_rounds: int = ENGINE["c
                    help="compute every prompt in full instead of reusing cached K/V of earlier prompts' prefixes")
     p.add_argument("--recalibrate", action="store_true", default=ENGINE["recalibrate"],
                    help="time the start-up forwards again instead of reading the calibration cache")
+    p.add_argument("--no-prior-statistics", action="store_false", dest="prior_statistics",
+                   default=ENGINE["prior_statistics"],
+                   help="where no saved acceptance statistics are read, start from none instead of those shipped "
+                        "for the model (decoding/priors/)")
 
 
 def _config(args, method: str, max_batch: int = ENGINE["max_batch"]) -> EngineConfig:
@@ -94,7 +98,8 @@ def _config(args, method: str, max_batch: int = ENGINE["max_batch"]) -> EngineCo
                         max_batch=max_batch, calibration_rounds=args.calibration_rounds,
                         recalibrate=args.recalibrate, attention=args.attention, compile=args.compile,
                         kv_memory=args.kv_memory, prefix_caching=args.prefix_caching,
-                        persist_statistics=getattr(args, "persist_statistics", ENGINE["persist_statistics"]))
+                        persist_statistics=getattr(args, "persist_statistics", ENGINE["persist_statistics"]),
+                        prior_statistics=args.prior_statistics)
 
 
 def _settings(args) -> ServerSettings:

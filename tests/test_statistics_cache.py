@@ -1,5 +1,6 @@
 """Acceptance statistics survive a restart (decoding/statistics_cache.py): a server saves them as
-requests end and when it stops, and the next one on the same model starts from them."""
+requests end and when it stops, and the next one on the same model starts from them. A process
+with nothing saved starts from the prior shipped for its model."""
 
 import json
 
@@ -161,6 +162,13 @@ def test_serve_keeps_them_and_generate_and_bench_start_fresh():
     assert not persists("generate", "--prompt", "hi")
     assert not persists("bench")  # a benchmark measures a fresh start
 
+    def prior(*argv: str) -> bool:
+        return _config(parser.parse_args(list(argv)), "logitspec").prior_statistics
+
+    assert prior("serve") and prior("generate", "--prompt", "hi") and prior("bench")
+    assert not prior("serve", "--no-prior-statistics")
+    assert not prior("bench", "--no-prior-statistics")
+
 
 def test_a_real_server_saves_them_at_sigterm_for_the_next_one(tmp_path):
     """`logitspec serve` on the default model, end to end: what its requests taught is in the
@@ -184,3 +192,58 @@ def test_a_real_server_saves_them_at_sigterm_for_the_next_one(tmp_path):
     restored = AcceptanceStats()
     assert restored.restore(saved["statistics"]) > 0
     assert any(offered > 0 for offered, _ in restored.kinds.values())
+
+
+@pytest.fixture
+def priors(tmp_path, monkeypatch):
+    monkeypatch.setattr(statistics_cache, "PRIORS", tmp_path / "priors")
+    return tmp_path / "priors"
+
+
+def test_a_first_start_reads_the_prior_shipped_for_its_model(tiny_loaded, folder, priors, capsys):
+    shipped = taught()
+    path = statistics_cache.write_prior(tiny_loaded, shipped.state(), "a test")
+    assert path.parent == priors
+    first = start(tiny_loaded)
+    assert "from the prior shipped for this model" in capsys.readouterr().err
+    # counts to 4 decimals in the file: the same kinds, estimates within rounding
+    assert first.stats.kinds.keys() == shipped.kinds.keys()
+    assert all(first.stats.p(k) == pytest.approx(shipped.p(k), abs=1e-4) for k in shipped.kinds)
+    assert start(tiny_loaded, model=first.model, prior_statistics=False).stats.kinds == {}
+    # a server with nothing saved starts from the prior too; once it has saved, from what it saved
+    served = start(tiny_loaded, model=first.model, persist_statistics=True)
+    assert served.stats.kinds == first.stats.kinds
+    served.stats = AcceptanceStats()
+    teach(served)
+    served.save_statistics()
+    assert start(tiny_loaded, model=first.model, persist_statistics=True).stats.kinds == served.stats.kinds
+    # another model of the same name, or a prior of an older format, is not read
+    other = type(tiny_loaded)(tiny_loaded.name, tiny_loaded.folder, {**tiny_loaded.hf_config, "num_hidden_layers": 3},
+                              tiny_loaded.state, tiny_loaded.tokenizer)
+    assert statistics_cache.load_prior(other) is None
+    assert statistics_cache.load_prior(tiny_loaded) is not None
+    entry = json.loads(path.read_text())
+    entry["key"]["format"] -= 1
+    path.write_text(json.dumps(entry))
+    assert start(tiny_loaded, model=first.model).stats.kinds == {}
+
+
+def test_a_prior_that_counting_cannot_make_is_not_used(tiny_loaded, priors, capsys):
+    state = taught().state()
+    state["kinds"][0][5] = state["kinds"][0][4] + 1  # more accepted than offered
+    statistics_cache.write_prior(tiny_loaded, state, "a test")
+    assert start(tiny_loaded).stats.kinds == {}
+    assert "not used" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_default_model_ships_a_prior_of_the_drafters_kinds(real_loaded):
+    """The shipped prior is keyed to the embedded model and of this FORMAT (bench/make_prior.py
+    writes it again when kinds change), and holds the kinds logitspec and pld draft."""
+    state = statistics_cache.load_prior(real_loaded)
+    assert state is not None, "no prior for the default model: run bench/make_prior.py"
+    stats = AcceptanceStats()
+    assert stats.restore(state) > 100
+    families = {k.family for k in stats.kinds}
+    assert {"next", "pld", "guess"} <= families <= {"next", "pld", "guess", "echo", "forced"}
+    assert any(k.hot for k in stats.kinds) and any(a > 0 for _, a in stats.kinds.values())
