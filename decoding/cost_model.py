@@ -51,7 +51,9 @@ class AcceptanceStats:
                     raise ValueError(f"hot is {hot!r}")
                 kind = NodeKind(str(family), tuple(str(d) for d in details), int(depth), hot)
                 offered, accepted = float(offered), float(accepted)
-                if not (0.0 <= accepted <= offered <= most and kind.depth >= 1):
+                if kind.depth < 1:
+                    raise ValueError(f"depth {kind.depth} for {kind.family}: draft nodes are at depth 1 or more")
+                if not 0.0 <= accepted <= offered <= most:
                     raise ValueError(f"counts {offered}, {accepted} for {kind}")
                 kinds[kind] = [offered, accepted]
         except (KeyError, TypeError, ValueError) as e:

@@ -326,7 +326,8 @@ class Engine:
         self.stats = AcceptanceStats()
         self._statistics_key = statistics_cache.statistics_key(self.loaded) if config.persist_statistics else None
         self._statistics_saved = time.monotonic()
-        if not (self._statistics_key is not None and self._restore_statistics()) and config.prior_statistics:
+        restored = self._statistics_key is not None and self._restore_statistics()
+        if not restored and config.prior_statistics:
             self._restore_prior()
         self.times = StepTimes()
         self._forwards = 0  # verification forwards run, to tell a clean step from a retried one
