@@ -37,24 +37,17 @@ METHODS = ("logitspec", "pld")  # the methods that draft; each teaches its own n
 def teach(engine: Engine, questions: list[dict], max_new_tokens: int) -> int:
     """Every question's turns with every method (its own answers in its history); turns run."""
     done, t0 = 0, time.perf_counter()
-    total = len(questions) * len(METHODS)
-    for i, q in enumerate(questions):
+    total = sum(len(q["turns"]) for q in questions) * len(METHODS)
+    for q in questions:
         for m in METHODS:
             history = []
             for text in q["turns"]:
                 history.append({"role": "user", "content": text})
-                seq = engine.start_sequence(engine.chat_prompt(history), SamplingParams(), max_new_tokens, method=m)
-                try:
-                    while not seq.finished:
-                        engine.step([seq])
-                finally:
-                    engine.stop_sequence(seq)
-                if seq.error is not None:
-                    raise RuntimeError(f"{m}: generation failed: {seq.error}")
+                seq = engine.generate(engine.chat_prompt(history), SamplingParams(), max_new_tokens, method=m)
                 history.append({"role": "assistant", "content": engine.tokenizer.decode(seq.output)})
                 done += 1
-            print(f"\r[prior] {i * len(METHODS) + METHODS.index(m) + 1}/{total} answers, "
-                  f"{time.perf_counter() - t0:.0f}s", end="", file=sys.stderr, flush=True)
+                print(f"\r[prior] {done}/{total} answers, {time.perf_counter() - t0:.0f}s", end="", file=sys.stderr,
+                      flush=True)
     print(file=sys.stderr)
     return done
 

@@ -416,25 +416,25 @@ class Engine:
             log(f"acceptance statistics: none saved for this model in {path.parent}")
             return False
         state, saved_at = found
-        try:
-            kinds = self.stats.restore(state)
-        except ValueError as e:
-            log(f"acceptance statistics in {path} not used ({e})")
-            return False
-        log(f"acceptance statistics: {kinds} node kinds from {path} (saved {saved_at})")
-        return True
+        return self._take_statistics(state, f"from {path} (saved {saved_at})")
 
     def _restore_prior(self) -> None:
         """The statistics shipped for this model (statistics_cache.load_prior), if there are."""
         state = statistics_cache.load_prior(self.loaded)
-        if state is None:
-            return
+        if state is not None:
+            self._take_statistics(state, f"from the prior shipped for this model "
+                                         f"({statistics_cache.prior_path(self.loaded)})")
+
+    def _take_statistics(self, state: dict, source: str) -> bool:
+        """Restore `state` (from `source`, for the log); whether it was taken (not: logged, and the
+        statistics stay as they were)."""
         try:
             kinds = self.stats.restore(state)
         except ValueError as e:
-            log(f"acceptance statistics: the prior {statistics_cache.prior_path(self.loaded)} not used ({e})")
-            return
-        log(f"acceptance statistics: {kinds} node kinds from the prior shipped for this model")
+            log(f"acceptance statistics {source} not used ({e})")
+            return False
+        log(f"acceptance statistics: {kinds} node kinds {source}")
+        return True
 
     def save_statistics(self, force: bool = True) -> Path | None:
         """Save the acceptance statistics for the next process (persist_statistics): now, or with
@@ -969,8 +969,10 @@ class Engine:
     # ---- convenience: one request start to end -------------------------------------------------
 
     def generate(self, prompt: list[int], params: SamplingParams | None = None, max_new_tokens: int = 128,
-                 index: SuffixIndex | None = None, constraint: Constraint | None = None) -> Sequence:
-        seq = self.start_sequence(prompt, params or SamplingParams(), max_new_tokens, index, constraint=constraint)
+                 index: SuffixIndex | None = None, constraint: Constraint | None = None,
+                 method: str | None = None) -> Sequence:
+        seq = self.start_sequence(prompt, params or SamplingParams(), max_new_tokens, index, method=method,
+                                  constraint=constraint)
         try:
             while not seq.finished:
                 self.step([seq])

@@ -36,6 +36,15 @@ def test_speculation_takes_fewer_steps_on_repetitive_output(tiny_loaded):
     assert spec.steps < ar.steps
 
 
+def test_generate_runs_the_method_a_request_asks_for(tiny_loaded):
+    """One engine serves every method: generate(method=...) as a request's method does."""
+    engine = engines_for(tiny_loaded, max_context=256, adaptive=False)["logitspec"]
+    ar = engine.generate(PROMPT, SamplingParams(), 60, method="ar")
+    spec = engine.generate(PROMPT, SamplingParams(), 60)
+    assert ar.drafter.name == "ar" and spec.drafter.name == "logitspec"
+    assert ar.output == spec.output and spec.steps < ar.steps
+
+
 def test_max_tokens_exact(tiny_loaded):
     """With no stop token to end it, every method emits exactly max_tokens tokens and finishes on
     "length", also when the step that reaches the limit accepted drafted tokens beyond it."""
