@@ -28,6 +28,8 @@ learning and realised loop (the prices stay at the calibration).
         --fresh-statistics   # each category from a cold start, as a server just started
     python bench/draft_replay.py replay /tmp/replay.json --cost 1:34,4:42,8:49,16:66,32:97,64:163 \
         --restart-statistics   # each category after a restart, from the statistics the others taught
+    python bench/draft_replay.py replay /tmp/replay.json --cost 1:13,4:15,8:19,16:30,32:55,64:126 \
+        --corpus decoding/priors/SmolLM2-135M-Instruct.Q4_1.corpus.json   # LogitSpec as the engine runs it
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from decoding.config import EngineConfig  # noqa: E402
+from decoding.corpus import index_answers  # noqa: E402
 from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes  # noqa: E402
 from decoding.drafters import make_drafter, top_wanted  # noqa: E402
 from decoding.engine import is_probe, is_stretch  # noqa: E402
@@ -120,8 +123,10 @@ class Replay:
     prices do not move)."""
 
     def __init__(self, method: str, capacity: int, calibration: dict[int, float] | None, drafter_options: dict,
-                 shared_index: bool = False, margin: float = 0.0):
+                 shared_index: bool = False, margin: float = 0.0, corpus: SuffixIndex | None = None):
         self.drafter = make_drafter(method)
+        if corpus is not None and hasattr(self.drafter, "corpus"):  # logitspec's, as the engine gives it
+            self.drafter.corpus = corpus
         for name, value in drafter_options.items():
             if not hasattr(self.drafter, name):
                 raise SystemExit(f"{method} has no parameter {name!r}")
@@ -247,6 +252,7 @@ def replay(args) -> int:
                              "there are no earlier sessions to share")
         rank = {c: i for i, c in enumerate(dict.fromkeys(t["category"] for t in turns))}  # first appearance
         turns = sorted(turns, key=lambda t: rank[t["category"]])  # stable: each category's turns in order
+    corpus = index_answers(json.loads(Path(args.corpus).read_text())["answers"]) if args.corpus else None
     methods = args.methods.split(",")
     options_label = ",".join(([args.set] if args.set else []) + (["shared index"] if args.shared_index else []))
     labels = methods[:-1] + [methods[-1] + (f"[{options_label}]" if options_label else "")]
@@ -259,12 +265,13 @@ def replay(args) -> int:
         for turn in turns:
             if run is None or (per_category and turn["category"] != category):
                 run = Replay(method, args.capacity, calibration, options if last else {},
-                             args.shared_index and last, args.margin)
+                             args.shared_index and last, args.margin, corpus)
                 category = turn["category"]
                 if args.restart_statistics:
                     # what a server that served the other categories saved, read back by a new one
                     # (decoding/statistics_cache.py): the statistics through their file format
-                    earlier = Replay(method, args.capacity, calibration, options if last else {}, False, args.margin)
+                    earlier = Replay(method, args.capacity, calibration, options if last else {}, False, args.margin,
+                                     corpus)
                     for other in turns:
                         if other["category"] != category:
                             earlier.turn(other)
@@ -321,6 +328,9 @@ def main() -> int:
     rep.add_argument("--shared-index", action="store_true",
                      help="the last method's index also holds every earlier turn's prompt and answer (one "
                           "index across sessions); repeat a method to compare: --methods pld,pld --shared-index")
+    rep.add_argument("--corpus", default="", metavar="FILE",
+                     help="LogitSpec also retrieves from this corpus (decoding/priors/<model>.corpus.json), as the "
+                          "engine does from the one shipped for its model")
     rep.add_argument("--fresh-statistics", action="store_true",
                      help="replay each category alone from empty acceptance statistics, as a server just "
                           "started would serve it (a cold start), instead of one run that learns throughout")

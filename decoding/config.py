@@ -68,6 +68,9 @@ class EngineConfig:
     # Where nothing saved is read (above), start from the statistics shipped for this model, if
     # any (decoding/priors/; statistics_cache.load_prior) instead of from none.
     prior_statistics: bool = True
+    # LogitSpec also retrieves from the corpus shipped for this model, if any (its own answers to
+    # questions of ours; decoding/corpus.py).
+    corpus: bool = True
 
     def __post_init__(self):
         if self.method not in METHODS:

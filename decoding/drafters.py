@@ -23,6 +23,8 @@ def _bucket(value: int, edges: tuple[int, ...]) -> int:
 
 
 MATCH_EDGES = (1, 2, 4, 8)  # match-length buckets: longer matches predict better
+CORPUS_EDGES = (1, 2, 4, 8, 16)  # the same in the corpus, where matches run longer
+CORPUS_SEPARATOR = 2**62  # between a corpus's answers: beyond any vocabulary, so no match runs across it
 RANK_EDGES = (1, 2, 4, 8, 16, 32)  # next-next guess rank buckets
 SHARE_EDGES = (0.25, 0.5, 0.99)  # share of recent occurrences that a next-token trie node continues
 CONFIRM_EDGES = (4,)  # a confirmed first token's rank among the last logit's top tokens (then up to `confirm`)
@@ -137,6 +139,14 @@ class LogitSpecDrafter:
     trie of the latest occurrences of the longest match may not hold), under PLD's own kinds: the
     candidate tree always holds what `pld` would draft, ranked by the same statistics.
 
+    And, where the model ships one (decoding/corpus.py), the corpus: the model's own answers to
+    questions of ours, indexed once and shared read-only by every sequence. What followed the
+    longest match of ctx + [x0] there, up to `corpus_branches` occurrences `corpus_tokens` deep,
+    is a trie like the next-token one, under kinds of their own (match bucket, share), added
+    last so that it takes only nodes no other branch proposed. A session's own text says what
+    this answer repeats; the corpus says how this model tends to go on (list openings, markdown,
+    stock phrases), which helps where the session has nothing yet.
+
     The last logit also confirms: a first token that retrieval (or an echo) proposes and that is
     among the logit's top `confirm` tokens (x0 aside) is likelier to be accepted than one the
     logit does not rank, so each such branch's kinds, first node to leaves, carry a confirmation
@@ -150,7 +160,8 @@ class LogitSpecDrafter:
     forced = True
 
     def __init__(self, guesses: int = 48, next_tokens: int = 16, recent: int = 16, max_match: int = 32,
-                 echoes: int = 4, search: int = 256, confirm: int = 48):
+                 echoes: int = 4, search: int = 256, confirm: int = 48, corpus: SuffixIndex | None = None,
+                 corpus_tokens: int = 6, corpus_branches: int = 4):
         self.guesses = guesses
         self.confirm = confirm
         self.next_tokens = next_tokens  # depth of the latest occurrence's branch; the others get half
@@ -159,7 +170,10 @@ class LogitSpecDrafter:
         self.echoes = echoes
         self.search = search  # occurrences looked at to find the recent ones
         self.pld = PldDrafter()
-        self.lookups = {"next": [0, 0], "echo": [0, 0],
+        self.corpus = corpus  # read-only, shared by every sequence (never extended)
+        self.corpus_tokens = corpus_tokens
+        self.corpus_branches = corpus_branches
+        self.lookups = {"next": [0, 0], "echo": [0, 0], "corpus": [0, 0],
                         **{f"guess:r{r}": [0, 0] for r in range(len(RANK_EDGES) + 1)}}
         self.lookups["pld"] = self.pld.lookups["pld"]
 
@@ -181,10 +195,13 @@ class LogitSpecDrafter:
         tree.add_chain(node, chain, [NodeKind(family, (detail, f"m{m}"), d) for d in range(2, len(chain) + 2)])
 
     def openings(self, index: SuffixIndex, x0: int, echoes: Sequence[Echo] = ()) -> Sequence[NodeKind]:
-        match_len, _ = index.match(index.tokens[-(self.max_match - 1):] + [x0], self.max_match)
+        context = index.tokens[-(self.max_match - 1):] + [x0]
+        match_len, _ = index.match(context, self.max_match)
+        corpus_len = self.corpus.match(context, self.max_match)[0] if self.corpus is not None else 0
         return _logitspec_openings(min(3, sum(t == "t" for t, _ in echoes)), min(3, sum(t == "s" for t, _ in echoes)),
                                    _bucket(match_len, MATCH_EDGES) if match_len else -1,
-                                   tuple(self.pld.openings(index, x0)), bool(self.confirm), bool(self.guesses))
+                                   tuple(self.pld.openings(index, x0)), bool(self.confirm), bool(self.guesses),
+                                   _bucket(corpus_len, CORPUS_EDGES) if corpus_len else -1)
 
     def propose(self, index: SuffixIndex, x0: int, guesses: list[int],
                 echoes: Sequence[Echo] = (), top: Sequence[int] = ()) -> DraftTree:
@@ -231,9 +248,34 @@ class LogitSpecDrafter:
             if match_len:
                 counter[1] += 1
                 self._add_retrieved(tree, node, tokens, start, self.guess_length(rank), match_len, "guess", f"r{r}")
+        if self.corpus is not None:
+            self._add_corpus(tree, context)
         if self.confirm and top:
             self._confirm(tree, [t for t in top if t != x0][:self.confirm])
         return tree
+
+    def _add_corpus(self, tree: DraftTree, context: list[int]) -> None:
+        """The corpus trie (see the class) under the root: kinds only for nodes it adds."""
+        match_len, ends = self.corpus.occurrences(context, self.max_match, 8 * self.corpus_branches)
+        self.lookups["corpus"][0] += 1
+        if not match_len:
+            return
+        self.lookups["corpus"][1] += 1
+        m = _bucket(match_len, CORPUS_EDGES)
+        first_new, text = len(tree), self.corpus.tokens
+        recent = ends[-self.corpus_branches:]
+        passes: dict[int, int] = {}
+        for end in recent:
+            chain = text[end + 1:end + 1 + self.corpus_tokens]
+            if CORPUS_SEPARATOR in chain:  # the answer ended there
+                chain = chain[:chain.index(CORPUS_SEPARATOR)]
+            for node in tree.add_path(0, chain):
+                if node >= first_new:
+                    passes[node] = passes.get(node, 0) + 1
+        share = [_bucket(n / len(recent), SHARE_EDGES) for n in range(len(recent) + 1)]
+        kinds, depths = tree.kinds, tree.depths
+        for node, n in passes.items():
+            kinds[node] = _corpus_kind(m, share[n], depths[node])
 
     def _confirm(self, tree: DraftTree, top: list[int]) -> None:
         """Add each branch's confirmation detail (see the class) to its kinds, guesses aside (their
@@ -252,15 +294,23 @@ class LogitSpecDrafter:
 
 
 @functools.cache
+def _corpus_kind(m: int, s: int, depth: int) -> NodeKind:
+    return NodeKind("corpus", (f"m{m}", f"s{s}"), depth)
+
+
+@functools.cache
 def _logitspec_openings(t_echoes: int, s_echoes: int, m: int, pld: tuple[NodeKind, ...], confirm: bool,
-                        guesses: bool) -> tuple[NodeKind, ...]:
+                        guesses: bool, corpus_m: int = -1) -> tuple[NodeKind, ...]:
     """LogitSpecDrafter.openings for these counts of echoes ("t", "s"; at most 3 each), the
-    next-token match bucket (-1: no match) and PLD's openings, made once: asked for on every step,
-    they are few. A tuple: every caller with the same arguments gets this same one."""
+    next-token match bucket (-1: no match), PLD's openings and the corpus match bucket (-1: no
+    match), made once: asked for on every step, they are few. A tuple: every caller with the same
+    arguments gets this same one."""
     kinds = [NodeKind("echo", (LogitSpecDrafter._echo_detail(tag, rank),), 1)
              for tag, n in (("t", t_echoes), ("s", s_echoes)) for rank in range(n)]
     if m >= 0:
         kinds += [NodeKind("next", (f"m{m}", f"s{s}"), 1) for s in range(len(SHARE_EDGES) + 1)]
+    if corpus_m >= 0:
+        kinds += [_corpus_kind(corpus_m, s, 1) for s in range(len(SHARE_EDGES) + 1)]
     kinds += pld
     if confirm:  # without the logit at hand, each as it may be confirmed
         kinds = [k.detailed(f"c{c}") for k in kinds for c in range(len(CONFIRM_EDGES) + 2)]

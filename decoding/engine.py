@@ -28,6 +28,7 @@ from typing import NamedTuple
 import torch
 
 from decoding import calibration_cache, cpu_linear, statistics_cache
+from decoding.corpus import corpus_path, load_corpus
 from decoding.config import METHODS, EngineConfig, parse_size
 from decoding.cost_model import AcceptanceStats, CostModel, ranked_nodes
 from decoding.drafters import Drafter, Echo, make_drafter, top_wanted
@@ -323,6 +324,8 @@ class Engine:
         # One drafter per method; a sequence picks one when it starts (default: config.method).
         self.drafters: dict[str, Drafter] = {m: make_drafter(m) for m in METHODS}
         self.drafter = self.drafters[config.method]
+        if config.corpus:
+            self._read_corpus()
         self.stats = AcceptanceStats()
         self._statistics_key = statistics_cache.statistics_key(self.loaded) if config.persist_statistics else None
         self._statistics_saved = time.monotonic()
@@ -406,6 +409,16 @@ class Engine:
         log("forward cost vs tree size: " + ", ".join(
             f"{n}:{1000 * s:.0f}ms" for n, s in seconds.items() if n in (1, 4, 8, 16, 32, 64)) + f" ({source})")
         return CostModel(seconds, max_tokens, self.config.max_batch, margin=self.config.draft_margin)
+
+    def _read_corpus(self) -> None:
+        """LogitSpec's corpus: the one shipped for this model (decoding/corpus.py), if there is."""
+        t0 = time.perf_counter()
+        found = load_corpus(self.loaded)
+        if found is not None:
+            index, answers = found
+            self.drafters["logitspec"].corpus = index
+            log(f"corpus: {answers} answers ({len(index) - answers} tokens) shipped for this model "
+                f"({corpus_path(self.loaded)}), indexed in {time.perf_counter() - t0:.1f} s")
 
     def _restore_statistics(self) -> bool:
         """The acceptance statistics an earlier process saved for this model, if any: whether

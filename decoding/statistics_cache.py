@@ -33,7 +33,7 @@ from decoding.calibration_cache import cache_folder, keyed_path, model_identity,
 from decoding.loader import LoadedModel
 
 PRIORS = Path(__file__).resolve().parent / "priors"  # shipped priors (package data), one file per model
-FORMAT = 1  # bump when node kinds change (a drafter's details, their buckets), so older files are ignored
+FORMAT = 2  # bump when node kinds change (a drafter's families, details, their buckets), so older files are ignored; 2: corpus
 SAVE_EVERY = 60.0  # seconds between writes while serving; a crash loses at most this much learning
 
 

@@ -89,6 +89,9 @@ def _engine_args(p: argparse.ArgumentParser, calibration_rounds: int = ENGINE["c
                    default=ENGINE["prior_statistics"],
                    help="where no saved acceptance statistics are read, start from none instead of those shipped "
                         "for the model (decoding/priors/)")
+    p.add_argument("--no-corpus", action="store_false", dest="corpus", default=ENGINE["corpus"],
+                   help="logitspec: retrieve from the session's own text only, not also from the corpus of the "
+                        "model's own answers shipped for it (decoding/priors/*.corpus.json)")
 
 
 def _config(args, method: str, max_batch: int = ENGINE["max_batch"]) -> EngineConfig:
@@ -99,7 +102,7 @@ def _config(args, method: str, max_batch: int = ENGINE["max_batch"]) -> EngineCo
                         recalibrate=args.recalibrate, attention=args.attention, compile=args.compile,
                         kv_memory=args.kv_memory, prefix_caching=args.prefix_caching,
                         persist_statistics=getattr(args, "persist_statistics", ENGINE["persist_statistics"]),
-                        prior_statistics=args.prior_statistics)
+                        prior_statistics=args.prior_statistics, corpus=args.corpus)
 
 
 def _settings(args) -> ServerSettings:

@@ -65,6 +65,22 @@ def test_a_shared_index_finds_what_an_earlier_turn_said():
     assert steps[True] < tokens / 3 < steps[False]
 
 
+def test_a_corpus_drafts_an_answer_it_holds_for_logitspec_as_in_the_engine():
+    """Replay(corpus=...): LogitSpec retrieves from the corpus as the engine does from the one
+    shipped for its model; an answer the corpus holds (and its prompt does not) is drafted."""
+    from decoding.corpus import index_answers
+
+    first = recording(0)
+    rng = random.Random(7)
+    turn = {**first, "prompt": [rng.randrange(3000, 4000) for _ in range(50)]}
+    steps = {}
+    for corpus in (None, index_answers([first["answer"]])):
+        run = Replay("logitspec", 64, CALIBRATION, {}, corpus=corpus)
+        tokens, steps[corpus is not None], *_ = run.turn(turn)
+    assert steps[True] < tokens / 3 < steps[False]
+    assert Replay("pld", 64, CALIBRATION, {}, corpus=index_answers([[1, 2]])).drafter.name == "pld"
+
+
 def test_questions_keep_their_turns_in_order():
     from bench.draft_replay import questions
 

@@ -1,4 +1,5 @@
-from decoding.drafters import ArDrafter, LogitSpecDrafter, PldDrafter, make_drafter
+from decoding.corpus import index_answers
+from decoding.drafters import CORPUS_SEPARATOR, ArDrafter, LogitSpecDrafter, PldDrafter, make_drafter
 from decoding.tree import NodeKind
 from retrieval.suffix_index import SuffixIndex
 
@@ -103,6 +104,32 @@ def test_logitspec_echoes_are_branches_under_the_root():
     assert t.kinds[t.children(n6)[7]] == NodeKind("echo", ("s0", "w"), 2)
     echo = NodeKind("echo", ("t0", "c1"), 1)  # (as the last logit may confirm it, see the next test)
     assert echo in d.openings(index, 3, [("t", [9])]) and echo not in d.openings(index, 3, [])
+
+
+def test_logitspec_retrieves_from_the_corpus_what_no_other_branch_proposes():
+    # the session: ... 1 2, root 3 ("1 2 3" followed by 4 2 in the session itself)
+    index = SuffixIndex([1, 2, 3, 4, 2, 9, 8, 1, 2])
+    # the corpus: "2 3" followed by 4 5 6 (an answer), by 7 7 (ended there) and by 4 6
+    corpus = index_answers([[0, 2, 3, 4, 5, 6, 1], [2, 3, 7, 7], [9, 2, 3, 4, 6]])
+    d = LogitSpecDrafter(guesses=0, next_tokens=2, confirm=0, corpus=corpus, corpus_tokens=3, corpus_branches=8)
+    t = d.propose(index, 3, [])
+    n4, n7 = t.children(0)[4], t.children(0)[7]
+    assert str(t.kinds[n4]) == "next:m2:s3:1"  # the session's own branch keeps its node
+    assert set(t.children(n4)) == {2, 5, 6}  # under it, the corpus's 5 and 6 (6 followed 4 in two answers)
+    assert str(t.kinds[t.children(n4)[5]]) == "corpus:m1:s1:2"  # a 2-token match in the corpus; 1 of 3 occurrences
+    assert chain_below(t, t.children(n4)[5]) == [6]
+    assert str(t.kinds[n7]) == "corpus:m1:s1:1" and chain_below(t, n7) == [7]  # cut where the answer ended
+    assert CORPUS_SEPARATOR not in t.tokens
+    assert d.lookups["corpus"] == [1, 1]
+    assert {str(k) for k in d.openings(index, 3) if k.family == "corpus"} == {f"corpus:m1:s{s}:1" for s in range(4)}
+    # with the last logit at hand the corpus's first nodes are confirmed like the others
+    t = LogitSpecDrafter(guesses=0, next_tokens=2, confirm=4, corpus=corpus).propose(index, 3, [], top=[3, 7])
+    assert str(t.kinds[t.children(0)[7]]) == "corpus:m1:s1:c1:1"
+    # no match in the corpus, or no corpus: no corpus nodes
+    t = d.propose(SuffixIndex([5, 5]), 8, [])
+    assert len(t) == 1 and d.lookups["corpus"] == [2, 1] and not any(k.family == "corpus" for k in d.openings(index, 8))
+    t = LogitSpecDrafter(guesses=0, next_tokens=2).propose(index, 3, [])
+    assert not any(k and k.family == "corpus" for k in t.kinds)
 
 
 def test_logitspec_guess_lengths_follow_rank():

@@ -239,11 +239,12 @@ def test_a_prior_that_counting_cannot_make_is_not_used(tiny_loaded, priors, caps
 @pytest.mark.slow
 def test_the_default_model_ships_a_prior_of_the_drafters_kinds(real_loaded):
     """The shipped prior is keyed to the embedded model and of this FORMAT (bench/make_prior.py
-    writes it again when kinds change), and holds the kinds logitspec and pld draft."""
+    writes it again when kinds change), and holds the kinds logitspec (with the shipped corpus)
+    and pld draft."""
     state = statistics_cache.load_prior(real_loaded)
     assert state is not None, "no prior for the default model: run bench/make_prior.py"
     stats = AcceptanceStats()
     assert stats.restore(state) > 100
     families = {k.family for k in stats.kinds}
-    assert {"next", "pld", "guess"} <= families <= {"next", "pld", "guess", "echo", "forced"}
+    assert {"next", "pld", "guess", "corpus"} <= families <= {"next", "pld", "guess", "echo", "forced", "corpus"}
     assert any(k.hot for k in stats.kinds) and any(a > 0 for _, a in stats.kinds.values())
