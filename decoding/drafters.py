@@ -31,10 +31,24 @@ CONFIRM_EDGES = (4,)  # a confirmed first token's rank among the last logit's to
 
 
 @functools.cache
-def _next_kind(m: int, s: int, depth: int) -> NodeKind:
-    """A next-token trie node's kind (match bucket m, share bucket s), made once: a trie has tens
+def _trie_kind(family: str, m: int, s: int, depth: int) -> NodeKind:
+    """A retrieval trie node's kind (match bucket m, share bucket s), made once: a trie has tens
     to hundreds of nodes every step, and kinds are few."""
-    return NodeKind("next", (f"m{m}", f"s{s}"), depth)
+    return NodeKind(family, (f"m{m}", f"s{s}"), depth)
+
+
+def _add_trie(tree: DraftTree, chains: list[list[int]], family: str, m: int) -> None:
+    """Hang the continuations of a match's occurrences under the root, one trie: each node it adds
+    (nodes already there keep their kinds) labelled with the share of `chains` that run through it."""
+    first_new, passes = len(tree), {}  # node -> chains that run through it
+    for chain in chains:
+        for node in tree.add_path(0, chain):
+            if node >= first_new:
+                passes[node] = passes.get(node, 0) + 1
+    share = [_bucket(n / len(chains), SHARE_EDGES) for n in range(len(chains) + 1)]
+    kinds, depths = tree.kinds, tree.depths
+    for node, n in passes.items():
+        kinds[node] = _trie_kind(family, m, share[n], depths[node])
 
 
 # An echo (see Engine._keep_echoes): ("t", chain) from a rejected node that held the root's token,
@@ -212,17 +226,10 @@ class LogitSpecDrafter:
         self.lookups["next"][0] += 1
         if match_len:
             self.lookups["next"][1] += 1
-            m = _bucket(match_len, MATCH_EDGES)
             recent = ends[-self.recent:][::-1]
-            passes: dict[int, int] = {}  # node -> occurrences whose continuation runs through it
-            for b, end in enumerate(recent):
-                depth = self.next_tokens if b == 0 else self.next_tokens // 2
-                for node in tree.add_path(0, tokens[end + 1:end + 1 + depth]):
-                    passes[node] = passes.get(node, 0) + 1
-            share = [_bucket(n / len(recent), SHARE_EDGES) for n in range(len(recent) + 1)]
-            kinds, depths = tree.kinds, tree.depths
-            for node, n in passes.items():
-                kinds[node] = _next_kind(m, share[n], depths[node])
+            depths = [self.next_tokens] + [self.next_tokens // 2] * (len(recent) - 1)  # the latest deepest
+            _add_trie(tree, [tokens[end + 1:end + 1 + depth] for end, depth in zip(recent, depths)], "next",
+                      _bucket(match_len, MATCH_EDGES))
         self.pld.add_chain(tree, index, x0)
         # Echoes and guesses share the context ctx + [x0]: walked once, then one step per token.
         after = context[-(self.max_match - 1):]
@@ -261,21 +268,13 @@ class LogitSpecDrafter:
         if not match_len:
             return
         self.lookups["corpus"][1] += 1
-        m = _bucket(match_len, CORPUS_EDGES)
-        first_new, text = len(tree), self.corpus.tokens
-        recent = ends[-self.corpus_branches:]
-        passes: dict[int, int] = {}
-        for end in recent:
+        text, chains = self.corpus.tokens, []
+        for end in ends[-self.corpus_branches:]:
             chain = text[end + 1:end + 1 + self.corpus_tokens]
             if CORPUS_SEPARATOR in chain:  # the answer ended there
                 chain = chain[:chain.index(CORPUS_SEPARATOR)]
-            for node in tree.add_path(0, chain):
-                if node >= first_new:
-                    passes[node] = passes.get(node, 0) + 1
-        share = [_bucket(n / len(recent), SHARE_EDGES) for n in range(len(recent) + 1)]
-        kinds, depths = tree.kinds, tree.depths
-        for node, n in passes.items():
-            kinds[node] = _corpus_kind(m, share[n], depths[node])
+            chains.append(chain)
+        _add_trie(tree, chains, "corpus", _bucket(match_len, CORPUS_EDGES))
 
     def _confirm(self, tree: DraftTree, top: list[int]) -> None:
         """Add each branch's confirmation detail (see the class) to its kinds, guesses aside (their
@@ -294,11 +293,6 @@ class LogitSpecDrafter:
 
 
 @functools.cache
-def _corpus_kind(m: int, s: int, depth: int) -> NodeKind:
-    return NodeKind("corpus", (f"m{m}", f"s{s}"), depth)
-
-
-@functools.cache
 def _logitspec_openings(t_echoes: int, s_echoes: int, m: int, pld: tuple[NodeKind, ...], confirm: bool,
                         guesses: bool, corpus_m: int = -1) -> tuple[NodeKind, ...]:
     """LogitSpecDrafter.openings for these counts of echoes ("t", "s"; at most 3 each), the
@@ -308,9 +302,9 @@ def _logitspec_openings(t_echoes: int, s_echoes: int, m: int, pld: tuple[NodeKin
     kinds = [NodeKind("echo", (LogitSpecDrafter._echo_detail(tag, rank),), 1)
              for tag, n in (("t", t_echoes), ("s", s_echoes)) for rank in range(n)]
     if m >= 0:
-        kinds += [NodeKind("next", (f"m{m}", f"s{s}"), 1) for s in range(len(SHARE_EDGES) + 1)]
+        kinds += [_trie_kind("next", m, s, 1) for s in range(len(SHARE_EDGES) + 1)]
     if corpus_m >= 0:
-        kinds += [_corpus_kind(corpus_m, s, 1) for s in range(len(SHARE_EDGES) + 1)]
+        kinds += [_trie_kind("corpus", corpus_m, s, 1) for s in range(len(SHARE_EDGES) + 1)]
     kinds += pld
     if confirm:  # without the logit at hand, each as it may be confirmed
         kinds = [k.detailed(f"c{c}") for k in kinds for c in range(len(CONFIRM_EDGES) + 2)]
