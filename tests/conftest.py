@@ -66,6 +66,16 @@ def tiny_loaded(tiny_hf):
     return LoadedModel("tiny-random-llama", Path("."), hf, state, TinyTokenizer())
 
 
+@pytest.fixture
+def priors(tmp_path, monkeypatch):
+    """What is shipped for a model (decoding/priors/: the prior, the corpus) read from and written to
+    an empty folder instead of the package's."""
+    from decoding import statistics_cache
+
+    monkeypatch.setattr(statistics_cache, "PRIORS", tmp_path / "priors")
+    return tmp_path / "priors"
+
+
 @pytest.fixture(scope="session")
 def real_loaded():
     """The embedded default model (SmolLM2-135M-Instruct), loaded once per test session."""

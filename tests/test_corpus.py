@@ -5,16 +5,10 @@ import json
 
 import pytest
 
-from decoding import corpus, statistics_cache
+from decoding import corpus
 from decoding.config import EngineConfig
 from decoding.engine import Engine
 from decoding.verify import SamplingParams
-
-
-@pytest.fixture
-def priors(tmp_path, monkeypatch):
-    monkeypatch.setattr(statistics_cache, "PRIORS", tmp_path / "priors")
-    return tmp_path / "priors"
 
 
 def start(tiny_loaded, model=None, method="logitspec", **config) -> Engine:

@@ -194,12 +194,6 @@ def test_a_real_server_saves_them_at_sigterm_for_the_next_one(tmp_path):
     assert any(offered > 0 for offered, _ in restored.kinds.values())
 
 
-@pytest.fixture
-def priors(tmp_path, monkeypatch):
-    monkeypatch.setattr(statistics_cache, "PRIORS", tmp_path / "priors")
-    return tmp_path / "priors"
-
-
 def test_a_first_start_reads_the_prior_shipped_for_its_model(tiny_loaded, folder, priors, capsys):
     shipped = taught()
     path = statistics_cache.write_prior(tiny_loaded, shipped.state(), "a test")
